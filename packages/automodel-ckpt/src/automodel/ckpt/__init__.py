@@ -1,0 +1,5 @@
+"""automodel.ckpt — see packages/automodel-ckpt/README.md."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

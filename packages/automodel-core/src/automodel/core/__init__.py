@@ -1,0 +1,5 @@
+"""automodel.core — see packages/automodel-core/README.md."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,5 @@
+"""automodel.kernels — see packages/automodel-kernels/README.md."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
