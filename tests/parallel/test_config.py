@@ -1,0 +1,101 @@
+"""ParallelConfig validation, dict round trip, world-size resolution; build_mesh dims on 4 gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from automodel.parallel import ParallelConfig, build_mesh
+from harness.distributed import run_distributed
+
+
+def test_defaults_and_round_trip() -> None:
+    config = ParallelConfig(tp=2, param_dtype="bfloat16", pp_schedule="zbv", pp_virtual_stages=2)
+    assert config.param_dtype is torch.bfloat16
+    data = config.to_dict()
+    assert data["param_dtype"] == "bfloat16" and data["reduce_dtype"] is None
+    assert ParallelConfig.from_dict(data) == config
+    assert ParallelConfig().dp_shard == -1 and ParallelConfig().ep == 1
+
+
+def test_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        ParallelConfig(1, 2)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tp": 0}, r"tp=0: expected >= 1"),
+        ({"dp_shard": -2}, r"dp_shard=-2.*-1 to fill"),
+        ({"pp": 1.5}, r"pp must be an int"),
+        ({"activation_checkpointing": "some"}, r"activation_checkpointing='some'"),
+        ({"param_dtype": "fp8"}, r"param_dtype='fp8'"),
+        ({"pp_schedule": "dualpipe"}, r"pp_schedule='dualpipe'"),
+        ({"pp": 2, "pp_schedule": "interleaved_1f1b"}, r"pp_virtual_stages=2"),
+        ({"pp": 2, "pp_schedule": "zbv", "pp_virtual_stages": 3}, r"exactly pp_virtual_stages=2"),
+        ({"sequence_parallel": True}, r"sequence_parallel=True needs tp > 1"),
+        ({"loss_parallel": True}, r"loss_parallel=True needs tp > 1"),
+        ({"compile": "yes"}, r"compile='yes'"),
+        ({"cp": 2, "ep": 3}, r"ep=3 must be a multiple of cp=2"),
+    ],
+)
+def test_bad_values(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ParallelConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_from_dict_suggests_key() -> None:
+    with pytest.raises(ValueError, match=r"unknown ParallelConfig key 'tensor_parallel'|did you"):
+        ParallelConfig.from_dict({"tensor_parallel": 2})
+    with pytest.raises(ValueError, match=r"did you mean 'dp_shard'"):
+        ParallelConfig.from_dict({"dp_shards": 2})
+
+
+def test_resolved_world_size() -> None:
+    assert ParallelConfig(tp=2).resolved(8).dp_shard == 4
+    with pytest.raises(ValueError, match=r"= 4 != world size 8"):
+        ParallelConfig(dp_shard=2, tp=2).resolved(8)
+    with pytest.raises(
+        ValueError, match=r"world size 6 is not divisible by dp_replicate\*cp\*tp\*pp=4"
+    ):
+        ParallelConfig(tp=4).resolved(6)
+    with pytest.raises(ValueError, match=r"ep=4 must divide dp_shard\*cp=2"):
+        ParallelConfig(tp=2, ep=4).resolved(4)
+
+
+def _mesh_worker(rank: int, world_size: int) -> dict[str, object]:
+    names = ["pp", "dp_replicate", "dp_shard", "cp", "tp", "dp", "dp_shard_cp", "dp_cp", "ep"]
+    out: dict[str, object] = {}
+    mesh = build_mesh(ParallelConfig(dp_shard=-1, tp=2, ep=2))
+    out["ep_tp"] = {n: mesh[n].size() for n in [*names, "dp_shard_mod_ep"]}
+    out["ep_rank"] = mesh["ep"].get_local_rank()
+    out["tp_rank"] = mesh["tp"].get_local_rank()
+    mesh = build_mesh(ParallelConfig(dp_replicate=2, dp_shard=2))
+    out["hsdp"] = {n: mesh[n].size() for n in names}
+    out["dp_rank"] = mesh["dp"].get_local_rank()
+    try:
+        build_mesh(ParallelConfig(dp_shard=3))
+    except ValueError as e:
+        out["error"] = str(e)
+    dist.barrier()
+    return out
+
+
+@pytest.mark.slow
+def test_build_mesh_dims() -> None:
+    results = run_distributed(_mesh_worker, world_size=4)
+    for rank, r in enumerate(results):
+        assert r["ep_tp"] == {
+            "pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2, "dp": 2,
+            "dp_shard_cp": 2, "dp_cp": 2, "ep": 2, "dp_shard_mod_ep": 1,
+        }  # fmt: skip
+        assert r["tp_rank"] == rank % 2  # tp is the innermost dim
+        assert r["ep_rank"] == rank // 2  # ep borrows dp_shard
+        assert r["hsdp"] == {
+            "pp": 1, "dp_replicate": 2, "dp_shard": 2, "cp": 1, "tp": 1, "dp": 4,
+            "dp_shard_cp": 2, "dp_cp": 4, "ep": 1,
+        }  # fmt: skip
+        assert r["dp_rank"] == rank
+        assert "= 3 != world size 4" in r["error"]
