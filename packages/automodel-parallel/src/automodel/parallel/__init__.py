@@ -3,15 +3,27 @@
 See packages/automodel-parallel/README.md.
 """
 
+from automodel.parallel.activation_checkpointing import apply_activation_checkpointing
+from automodel.parallel.blocks import find_blocks
 from automodel.parallel.config import ParallelConfig
+from automodel.parallel.fsdp import apply_fsdp
 from automodel.parallel.launch import init_distributed
 from automodel.parallel.mesh import build_mesh
+from automodel.parallel.parallelize import parallelize, validate_model
+from automodel.parallel.tensor_parallel import apply_tensor_parallel, tensor_parallel_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ParallelConfig",
     "__version__",
+    "apply_activation_checkpointing",
+    "apply_fsdp",
+    "apply_tensor_parallel",
     "build_mesh",
+    "find_blocks",
     "init_distributed",
+    "parallelize",
+    "tensor_parallel_plan",
+    "validate_model",
 ]

@@ -1,0 +1,248 @@
+"""Expert parallelism: MoE experts sharded over the ``ep`` mesh dim, tokens moved by all-to-all.
+
+Hugging Face MoE blocks (Mixtral, Qwen3-MoE, ... in transformers 5) keep all experts of a layer in
+one module holding two 3D parameters, ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj``
+``[E, H, I]``, called as ``experts(hidden [N, H], top_k_index [N, k], top_k_weights [N, k])`` next to
+a router. ``apply_expert_parallel`` finds those modules by that structure (no class names, no
+``transformers`` import), shards both parameters on dim 0 as DTensors over ``mesh["ep"]`` so each
+rank keeps ``E / ep`` experts, and replaces their forward with:
+
+1. dispatch: sort this rank's (token, expert) pairs by expert and all-to-all them to the ranks
+   that own those experts (split sizes exchanged first, one small all-to-all);
+2. compute: each rank runs its local experts on what it received;
+3. combine: all-to-all the results back, weight them by the router scores and sum per token.
+
+Both all-to-alls are differentiable, so expert gradients are complete on the owning rank (they sum
+the contributions of every rank's tokens) and input gradients flow back to the sending rank. The
+router and everything outside the experts stay replicated: the ``ep`` ranks see different tokens, so
+reduce the gradients of the non-expert parameters over the data-parallel ranks as usual (FSDP does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+__all__ = ["apply_expert_parallel", "find_expert_modules"]
+
+
+def find_expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Returns ``(fqn, module)`` for every MoE experts module of ``model``, found by structure.
+
+    An experts module directly owns 3D parameters ``gate_up_proj`` ``[E, 2I, H]`` and
+    ``down_proj`` ``[E, H, I]`` with the same number of experts ``E``.
+
+    Args:
+        model: any ``nn.Module``, typically a Hugging Face MoE model.
+
+    Returns:
+        The experts modules in ``named_modules`` order (empty for a dense model).
+
+    Example:
+        >>> [fqn for fqn, _ in find_expert_modules(mixtral)]  # doctest: +SKIP
+        ['model.layers.0.mlp.experts', 'model.layers.1.mlp.experts']
+    """
+    found = []
+    for fqn, module in model.named_modules():
+        gate_up = module._parameters.get("gate_up_proj")
+        down = module._parameters.get("down_proj")
+        if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
+            continue
+        if gate_up.shape[0] != down.shape[0]:
+            continue
+        found.append((fqn, module))
+    return found
+
+
+def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Returns ``model`` with its MoE experts sharded over ``mesh["ep"]`` (in place).
+
+    Each rank of the ``ep`` group keeps ``E / ep`` consecutive experts of every MoE layer
+    (``gate_up_proj`` and ``down_proj`` become DTensors placed ``Shard(0)``) and exchanges tokens
+    with the other ranks by all-to-all in the experts' forward. Call it before FSDP, on a model
+    whose parameters are identical on every ``ep`` rank (same seed or same checkpoint).
+
+    Args:
+        model: a model with experts modules as described in :func:`find_expert_modules`.
+        mesh: a DeviceMesh with an ``"ep"`` dim, or a 1D mesh used as the ``ep`` group.
+
+    Returns:
+        The same ``model``.
+
+    Raises:
+        ValueError: no experts module is found, the expert weights use a layout other than
+            concatenated ``[gate; up]`` without bias, or ``ep`` does not divide the number of
+            experts.
+
+    Example:
+        >>> mesh = init_device_mesh("cuda", (2,), mesh_dim_names=("ep",))  # doctest: +SKIP
+        >>> apply_expert_parallel(mixtral, mesh)  # doctest: +SKIP
+    """
+    ep_mesh = _ep_submesh(mesh)
+    ep = ep_mesh.size()
+    experts = find_expert_modules(model)
+    if not experts:
+        raise ValueError(
+            "apply_expert_parallel found no MoE experts module in the model: expected a module "
+            "owning 3D parameters `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]. "
+            "Fix: set ep=1 for dense models."
+        )
+    for fqn, module in experts:
+        _check_layout(fqn, module)
+        num_experts = _num_experts(module)
+        if num_experts % ep != 0:
+            raise ValueError(
+                f"ep={ep} does not divide the {num_experts} experts of {fqn!r}. "
+                f"Fix: choose ep among the divisors of {num_experts}."
+            )
+    for _, module in experts:
+        if ep > 1:
+            _shard_experts(module, ep_mesh)
+    return model
+
+
+def _ep_submesh(mesh: DeviceMesh) -> DeviceMesh:
+    """Returns the 1D ``ep`` mesh of ``mesh``."""
+    names = mesh.mesh_dim_names or ()
+    if "ep" in names:
+        return mesh["ep"]
+    if mesh.ndim == 1:
+        return mesh
+    raise ValueError(
+        f"apply_expert_parallel needs a mesh with an 'ep' dim or a 1D mesh; got dims {names}. "
+        "Fix: build the mesh with mesh_dim_names containing 'ep', or pass mesh['ep']."
+    )
+
+
+def _check_layout(fqn: str, module: nn.Module) -> None:
+    """Raises ValueError for expert layouts the all-to-all forward does not implement."""
+    if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
+        raise ValueError(
+            f"{fqn!r} stores its expert weights transposed or with interleaved gate/up; "
+            "expert parallelism supports gate_up_proj [E, 2I, H] with [gate; up] concatenated. "
+            "Fix: set ep=1 for this model."
+        )
+    if getattr(module, "has_bias", False) or not getattr(module, "has_gate", True):
+        raise ValueError(
+            f"{fqn!r} has expert biases or no gate projection; expert parallelism supports "
+            "gated experts without bias. Fix: set ep=1 for this model."
+        )
+    if not callable(getattr(module, "act_fn", None)):
+        raise ValueError(
+            f"{fqn!r} has no `act_fn`; expected the gated experts' activation there. "
+            "Fix: set ep=1 for this model."
+        )
+
+
+def _num_experts(module: nn.Module) -> int:
+    """Returns the number of experts ``E`` of an experts module (dim 0 of ``gate_up_proj``)."""
+    gate_up = module._parameters["gate_up_proj"]
+    assert gate_up is not None
+    return int(gate_up.shape[0])
+
+
+def _shard_experts(module: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Turns the expert weights into ``Shard(0)`` DTensors and installs the all-to-all forward."""
+    for name in ("gate_up_proj", "down_proj"):
+        param = module._parameters[name]
+        assert param is not None
+        sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
+        module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+    module.forward = _ExpertParallelForward(module, ep_mesh)  # type: ignore[method-assign]
+
+
+class _ExpertParallelForward:
+    """The experts' forward with all-to-all dispatch and combine over one ``ep`` group."""
+
+    def __init__(self, module: nn.Module, ep_mesh: DeviceMesh) -> None:
+        self.module = module
+        self.group = ep_mesh.get_group()
+        self.ep = ep_mesh.size()
+        self.num_experts = _num_experts(module)
+        self.num_local = self.num_experts // self.ep
+
+    def __call__(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Returns the weighted sum of the chosen experts' outputs per token, ``[N, H]``."""
+        num_experts, ep, num_local = self.num_experts, self.ep, self.num_local
+        top_k = top_k_index.shape[-1]
+        flat_experts = top_k_index.reshape(-1)
+        # Slots sorted by expert; a router may mark dropped slots with index E (sorted last).
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=num_experts + 1)[:num_experts]
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        send_splits = counts.view(ep, num_local).sum(1).tolist()
+        recv_per_source = recv_counts.view(ep, num_local)
+        recv_splits = recv_per_source.sum(1).tolist()
+        num_sent = sum(send_splits)
+
+        order = order[:num_sent]
+        token_of_slot = order // top_k
+        received = _AllToAll.apply(
+            hidden_states[token_of_slot], recv_splits, send_splits, self.group
+        )
+
+        # Received rows are grouped by source rank, then by local expert: regroup by expert.
+        local_ids = torch.repeat_interleave(
+            torch.arange(num_local, device=counts.device).repeat(ep), recv_per_source.reshape(-1)
+        )
+        by_expert = torch.argsort(local_ids, stable=True)
+        expert_out = self._run_local_experts(received[by_expert], recv_per_source.sum(0).tolist())
+        expert_out = expert_out[torch.argsort(by_expert)]
+
+        returned = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
+        weights = top_k_weights.reshape(-1)[order]
+        weighted = returned * weights[:, None]
+        out = torch.zeros_like(hidden_states)
+        return out.index_add(0, token_of_slot, weighted.to(hidden_states.dtype))
+
+    def _run_local_experts(self, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Returns ``down(act(gate) * up)`` of each local expert on its consecutive block of rows."""
+        gate_up = _local(self.module._parameters["gate_up_proj"])
+        down = _local(self.module._parameters["down_proj"])
+        act: Callable[[torch.Tensor], torch.Tensor] = self.module.act_fn  # type: ignore[assignment]
+        outs = []
+        for expert, chunk in enumerate(rows.split(sizes)):
+            gate, up = F.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
+            outs.append(F.linear(act(gate) * up, down[expert]))
+        return torch.cat(outs)
+
+
+def _local(param: torch.Tensor | None) -> torch.Tensor:
+    """Returns this rank's shard of a DTensor parameter (differentiably), else the tensor."""
+    assert param is not None
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable ``all_to_all_single`` on dim 0 with uneven splits; backward swaps the splits."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        inp: torch.Tensor,
+        out_splits: list[int],
+        in_splits: list[int],
+        group: dist.ProcessGroup,
+    ) -> torch.Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
+        dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        grad_in = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(
+            grad_in, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group
+        )
+        return grad_in, None, None, None
