@@ -42,9 +42,9 @@ class ParallelConfig:
         sequence_parallel: shard norms and residuals over the sequence on the tp dim.
         loss_parallel: keep the logits vocabulary-sharded (a DTensor) after the LM head; compute
             the loss under ``torch.distributed.tensor.parallel.loss_parallel()``.
-        activation_checkpointing: ``"none"``, ``"full"`` (recompute every block) or
-            ``"selective"`` (recompute every ``ac_every``-th block).
-        ac_every: with ``"selective"``, checkpoint one block in ``ac_every``.
+        activation_checkpointing: ``"none"``; ``"full"`` (keep only each block's input, recompute
+            the rest in backward); ``"selective"`` (per op: keep matmul, attention and
+            collective outputs, recompute the cheap elementwise ops and norms).
         compile: ``torch.compile`` every block; ``True`` or a dict of ``torch.compile`` kwargs.
         param_dtype: FSDP mixed precision compute dtype (``"bfloat16"``...); None keeps the params'.
         reduce_dtype: FSDP gradient reduce-scatter dtype; None = ``param_dtype``.
@@ -74,7 +74,6 @@ class ParallelConfig:
     sequence_parallel: bool = False
     loss_parallel: bool = False
     activation_checkpointing: str = "none"
-    ac_every: int = 2
     compile: bool | dict[str, Any] = False
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
@@ -113,8 +112,6 @@ class ParallelConfig:
                 f"ParallelConfig.activation_checkpointing={self.activation_checkpointing!r}: "
                 f"expected one of {list(_AC_MODES)}"
             )
-        if self.ac_every < 1:
-            raise ValueError(f"ParallelConfig.ac_every={self.ac_every}: expected >= 1")
         if not isinstance(self.compile, bool | dict):
             raise ValueError(
                 f"ParallelConfig.compile={self.compile!r}: expected a bool or a dict of "

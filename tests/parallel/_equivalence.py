@@ -1,0 +1,86 @@
+"""Shared by the parallel tests: a single-process reference run and its parallel replay.
+
+Both runs start from the same seeded tiny Hugging Face model, take three AdamW steps on the same
+data and record the losses and the first step's gradients, so a parallel run can be compared with
+the reference parameter by parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from automodel.parallel import ParallelConfig, build_mesh, parallelize
+from harness.models import VOCAB_SIZE, build_tiny_model
+
+BATCH, SEQ, STEPS, LR = 4, 16, 3, 1e-2
+
+
+def batches(seed: int = 1) -> list[torch.Tensor]:
+    """Returns STEPS batches of token ids [BATCH, SEQ], identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, VOCAB_SIZE, (BATCH, SEQ), generator=g) for _ in range(STEPS)]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def reference_run(name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Returns (losses, first-step grads by name) of a single-process fp32 run."""
+    model = build_tiny_model(name).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+    losses, grads = [], {}
+    for step, ids in enumerate(batches()):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, grads
+
+
+def parallel_run(name: str, config: ParallelConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Returns (global losses, first-step full grads by name) of ``config`` on this world."""
+    mesh = build_mesh(config)
+    model = build_tiny_model(name).train()
+    parallelize(model, config, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+    dp = mesh["dp"]
+    losses, grads = [], {}
+    for step, ids in enumerate(batches()):
+        # Each data-parallel rank takes its slice of the global batch; tp ranks share one.
+        local = ids.chunk(dp.size())[dp.get_local_rank()]
+        loss = model(input_ids=local, labels=local).loss
+        loss.backward()
+        if step == 0:
+            grads = {n: _full(p.grad).detach().float().clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        global_loss = loss.detach().float().clone()
+        dist.all_reduce(global_loss, group=dp.get_group())
+        losses.append(global_loss.item() / dp.size())
+    return losses, grads
+
+
+def compare(
+    name: str, config: dict[str, Any], reference: tuple[list[float], dict[str, torch.Tensor]]
+) -> dict[str, Any]:
+    """Returns {"loss_diff", "grad_diff", "worst", "missing"} of ``config`` against ``reference``."""
+    losses, grads = parallel_run(name, ParallelConfig(**config))
+    ref_losses, ref_grads = reference
+    loss_diff = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
+    worst, grad_diff = "", 0.0
+    for n, g in ref_grads.items():
+        if n in grads:
+            d = (grads[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-6)
+            if d > grad_diff:
+                worst, grad_diff = n, d
+    missing = sorted(set(ref_grads) - set(grads))
+    return {"loss_diff": loss_diff, "grad_diff": grad_diff, "worst": worst, "missing": missing,
+            "losses": losses, "ref_losses": ref_losses}  # fmt: skip
