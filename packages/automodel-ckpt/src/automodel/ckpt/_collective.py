@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -44,3 +47,12 @@ def all_ok(ok: bool, message: str, group: Any = None) -> list[str]:
     gathered: list[Any] = [None] * world_size(group)
     dist.all_gather_object(gathered, None if ok else message, group=group)
     return [m for m in gathered if m is not None]
+
+
+@contextlib.contextmanager
+def quiet_single_process() -> Iterator[None]:
+    """Silences DCP's "assuming the intent is to save/load in a single process" warning, which
+    is expected whenever we call DCP without torch.distributed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

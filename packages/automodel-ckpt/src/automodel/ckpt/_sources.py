@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from automodel.ckpt import _collective as coll
 from automodel.ckpt._safetensors_format import TensorEntry, read_header, read_region
 from automodel.ckpt.errors import CheckpointError
 
@@ -238,7 +239,8 @@ class DCPSource(Source):
         info = self.tensors[name]
         full = torch.empty(info.shape, dtype=info.dtype)
         try:
-            dcp.load({name: full}, checkpoint_id=str(self.path), no_dist=True)
+            with coll.quiet_single_process():
+                dcp.load({name: full}, checkpoint_id=str(self.path), no_dist=True)
         except Exception as e:
             raise CheckpointError(
                 f"{self.path}: cannot read tensor {name!r} ({type(e).__name__}: {e}); "

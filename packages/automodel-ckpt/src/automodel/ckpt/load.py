@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from automodel.ckpt import _collective as coll
 from automodel.ckpt._safetensors_format import parse_dtype
 from automodel.ckpt._sources import DCPSource, Source, open_source
 from automodel.ckpt._state import alias_groups, local_chunk, named_tensors
@@ -240,13 +241,14 @@ def _load_dcp(
         for k, t in wanted.items()
     }
     with torch.no_grad():
-        dcp.load(
-            staged,
-            checkpoint_id=str(source.path),
-            planner=DefaultLoadPlanner(allow_partial_load=not strict),
-            process_group=group,
-            no_dist=not (dist.is_available() and dist.is_initialized()),
-        )
+        with coll.quiet_single_process():
+            dcp.load(
+                staged,
+                checkpoint_id=str(source.path),
+                planner=DefaultLoadPlanner(allow_partial_load=not strict),
+                process_group=group,
+                no_dist=not (dist.is_available() and dist.is_initialized()),
+            )
         for k, t in staged.items():
             if t is not wanted[k]:
                 wanted[k].copy_(t)

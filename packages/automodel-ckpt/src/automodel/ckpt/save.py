@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,18 +102,19 @@ def save(
     if format == "dcp":
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(
-            dict(tensors),
-            checkpoint_id=str(path),
-            process_group=process_group,
-            no_dist=not coll.is_distributed(),
-        )
+        with coll.quiet_single_process():
+            dcp.save(
+                dict(tensors),
+                checkpoint_id=str(path),
+                process_group=process_group,
+                no_dist=not coll.is_distributed(),
+            )
     else:
-        _save_safetensors(tensors, path, max_bytes, process_group)
+        write_safetensors(plan_write(tensors, process_group), path, max_bytes, process_group)
         if checksums:
             write_checksums(path, process_group)
     if rank == 0 and isinstance(model_or_state_dict, nn.Module):
-        _save_configs(model_or_state_dict, path)
+        save_configs(model_or_state_dict, path)
     coll.barrier(process_group)
     return path
 
@@ -146,53 +148,87 @@ def hf_tensors(
     return out
 
 
-def _save_safetensors(
-    tensors: dict[str, torch.Tensor], path: Path, max_bytes: int, group: Any
-) -> None:
-    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    for name, t in tensors.items():
-        if t.device.type == "meta" or (isinstance(t, DTensor) and t.to_local().is_meta):
+@dataclass
+class _OwnShard:
+    """The chunk ``[offsets, offsets + sizes)`` of tensor ``name`` that this rank writes."""
+
+    name: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    data: torch.Tensor  # contiguous, on CPU
+
+
+@dataclass
+class WritePlan:
+    """Every tensor's (name, dtype, full shape), in file order, and the chunks this rank writes."""
+
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    shards: list[_OwnShard]
+
+
+def plan_write(tensors: dict[str, torch.Tensor], group: Any, *, copy: bool = False) -> WritePlan:
+    """Returns what this rank must write for ``tensors``; with ``copy`` the data is snapshotted.
+
+    DTensor shards are written by the rank holding them (the first replica when replicated); plain
+    tensors, assumed equal on every rank, are spread round-robin. Only Partial DTensors communicate.
+    """
+    rank, world = coll.rank(group), coll.world_size(group)
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    shards: list[_OwnShard] = []
+    plain_index = 0
+    for name, tensor in tensors.items():
+        specs.append((name, tensor.dtype, tuple(tensor.shape)))
+        if tensor.device.type == "meta" or (
+            isinstance(tensor, DTensor) and tensor.to_local().is_meta
+        ):
             raise CheckpointError(f"tensor {name!r} is on the meta device; materialize it first")
-    layout = plan_layout(specs, max_bytes)
+        if isinstance(tensor, DTensor):
+            tensor = without_partial(tensor)
+            chunk = local_chunk(tensor)
+            if chunk is None or not is_primary_replica(tensor):
+                continue
+            offsets, sizes = chunk
+            local = tensor.to_local()
+        else:
+            plain_index += 1
+            if (plain_index - 1) % world != rank or tensor.numel() == 0:
+                continue
+            offsets, sizes, local = (0,) * tensor.dim(), tuple(tensor.shape), tensor
+        data = local.detach().to("cpu").contiguous()
+        if copy and data.data_ptr() == local.data_ptr():
+            data = data.clone()
+        shards.append(_OwnShard(name, offsets, sizes, data))
+    return WritePlan(specs, shards)
+
+
+def write_safetensors(plan: WritePlan, path: Path, max_bytes: int, group: Any) -> None:
+    """Writes a planned save into ``path`` (existing folder) as a HF safetensors checkpoint.
+
+    Rank 0 creates every file at its final size with its header; then each rank writes its chunks
+    at their offsets with ``pwrite`` and fsyncs; rank 0 writes the index last. Collective over
+    ``group`` (barriers only), so it may run in a background thread on a dedicated group.
+    """
+    layout = plan_layout(plan.specs, max_bytes)
     if coll.rank(group) == 0:
         remove_stale_weights(path, layout.files)
         create_files(path, layout)
     coll.barrier(group)
-    _write_own_slices(tensors, path, layout, group)
+    _write_own_slices(plan.shards, path, layout)
     coll.barrier(group)
     if coll.rank(group) == 0:
         write_index(path, layout)
 
 
-def _write_own_slices(
-    tensors: dict[str, torch.Tensor], path: Path, layout: Layout, group: Any
-) -> None:
-    """Writes the bytes this rank is responsible for into the pre-sized files, then fsyncs them."""
-    rank, world = coll.rank(group), coll.world_size(group)
+def _write_own_slices(shards: list[_OwnShard], path: Path, layout: Layout) -> None:
+    """Writes this rank's chunks into the pre-sized files, then fsyncs them."""
     fds: dict[int, int] = {}
     try:
-        plain_index = 0
-        for name, tensor in tensors.items():
-            placed = layout.tensors[name]
-            if isinstance(tensor, DTensor):
-                tensor = without_partial(tensor)
-                chunk = local_chunk(tensor)
-                if chunk is None or not is_primary_replica(tensor):
-                    continue
-                offsets, sizes = chunk
-                local = tensor.to_local()
-            else:
-                plain_index += 1
-                if (plain_index - 1) % world != rank:
-                    continue
-                offsets, sizes, local = (0,) * tensor.dim(), tuple(tensor.shape), tensor
-            if local.numel() == 0:
-                continue
-            local = local.to("cpu").contiguous()
+        for shard in shards:
+            placed = layout.tensors[shard.name]
             if placed.file not in fds:
                 fds[placed.file] = os.open(path / layout.files[placed.file], os.O_WRONLY)
-            buf, item = tensor_bytes(local), local.dtype.itemsize
-            for full, start, length in contiguous_runs(placed.shape, offsets, sizes):
+            buf, item = tensor_bytes(shard.data), shard.data.dtype.itemsize
+            for full, start, length in contiguous_runs(placed.shape, shard.offsets, shard.sizes):
                 pwrite_all(
                     fds[placed.file],
                     buf[start * item : (start + length) * item],
@@ -232,7 +268,8 @@ def sha256_file(path: Path, block: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
-def _save_configs(model: nn.Module, path: Path) -> None:
+def save_configs(model: nn.Module, path: Path) -> None:
+    """Writes the model's ``config`` and ``generation_config`` (when it has them) into ``path``."""
     # transformers models carry config/generation_config objects with save_pretrained; duck-typed so
     # that this package never imports transformers.
     for attr in ("config", "generation_config"):
