@@ -1,0 +1,249 @@
+"""lm_head + cross-entropy in token chunks: the full ``[tokens, vocab]`` logits never exist.
+
+The forward pass walks the tokens in chunks; each chunk's logits are computed, turned into losses
+and into their gradient, which is folded into the gradients of ``hidden``, ``weight`` and ``bias``
+at once (two matmuls), and the chunk is freed. ``backward`` only scales the stored gradients by the
+incoming gradient. Peak extra memory is one chunk of logits plus the gradients themselves.
+
+A ``weight`` sharded on the vocab dim (a DTensor with ``Shard(0)`` on a 1-D mesh, as tensor
+parallelism shards ``lm_head``) works too: each rank computes its vocab slice and the softmax
+statistics are all-reduced over the mesh's group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from automodel.kernels._backend import resolve_backend
+from automodel.kernels.cross_entropy import _check_ce_args, ce_loss_and_grad
+
+__all__ = ["linear_cross_entropy"]
+
+# fp32 bytes of one chunk of logits the default chunk size aims for: large enough for efficient
+# matmuls, small enough to stay a fraction of the full logits at 128k vocabularies.
+_CHUNK_LOGITS_BYTES = 1 << 29
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss_weight: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``cross_entropy(hidden @ weight.T + bias, labels)`` without materializing the logits.
+
+    Same loss, count and semantics as :func:`automodel.kernels.cross_entropy` applied to the full
+    logits (computed in ``hidden``'s dtype, then fp32 math), with exact gradients for ``hidden``,
+    ``weight`` and ``bias``.
+
+    Args:
+        hidden: final hidden states ``[..., H]``.
+        weight: ``lm_head`` weight ``[V, H]``; a plain tensor, or a DTensor that is replicated or
+            sharded on dim 0 (vocab) over a 1-D mesh (tensor parallelism).
+        labels: integer ``[...]`` (``hidden.shape[:-1]``), already aligned with ``hidden``.
+        bias: optional ``[V]`` (sharded like ``weight`` if it is a DTensor).
+        ignore_index: the label value that is skipped.
+        label_smoothing: ``eps`` in ``[0, 1)``.
+        z_loss_weight: weight of ``logsumexp**2`` per label token.
+        softcap: logits become ``softcap * tanh(logits / softcap)`` first (Gemma 2).
+        reduction: ``"mean"`` (over label tokens) or ``"sum"``.
+        chunk_size: tokens per chunk; default keeps one chunk's fp32 logits near 512 MiB.
+        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``; selects the
+            per-chunk loss kernel, the matmuls are cuBLAS either way.
+
+    Returns:
+        ``loss`` (fp32, 0-d) and ``num_label_tokens`` (0-d int64, no host sync).
+
+    Example:
+        >>> h, w = torch.randn(2, 6, 16), torch.randn(50, 16)
+        >>> labels = torch.randint(0, 50, (2, 6))
+        >>> loss, n = linear_cross_entropy(h, w, labels)
+        >>> int(n)
+        12
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"linear_cross_entropy: reduction={reduction!r} is not supported; expected 'mean' or "
+            "'sum' (per-token losses need the full logits: use cross_entropy for 'none')"
+        )
+    _check_ce_args(
+        "linear_cross_entropy", hidden.shape[:-1], labels, label_smoothing, softcap, reduction
+    )
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"linear_cross_entropy: labels must have shape hidden.shape[:-1] = "
+            f"{tuple(hidden.shape[:-1])}; got {tuple(labels.shape)}. Labels are aligned with "
+            "hidden (shift them before calling)"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"linear_cross_entropy: weight must be [V, H] with H = hidden.shape[-1] = "
+            f"{hidden.shape[-1]}; got {tuple(weight.shape)}. Pass lm_head.weight"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1 or None; got {chunk_size}")
+    choice = resolve_backend("linear_cross_entropy", backend, hidden.device)
+
+    vocab_size = weight.shape[0]
+    hidden, labels = _local_replicated(hidden), _local_replicated(labels)
+    weight_local, group, vocab_start = _local_vocab_shard(weight)
+    bias_local = _local_vocab_shard(bias)[0] if bias is not None else None
+
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    n_tokens = flat_hidden.shape[0]
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(n_tokens, weight_local.shape[0])
+    loss, count = _ChunkedLinearCrossEntropy.apply(
+        flat_hidden,
+        weight_local,
+        bias_local,
+        flat_labels,
+        {
+            "ignore_index": ignore_index,
+            "label_smoothing": label_smoothing,
+            "z_loss_weight": z_loss_weight,
+            "softcap": softcap,
+            "mean": reduction == "mean",
+            "chunk_size": chunk_size,
+            "triton": choice == "triton",
+            "group": group,
+            "vocab_start": vocab_start,
+            "vocab_size": vocab_size,
+        },
+    )
+    return loss, count
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss of the chunked lm_head + CE; gradients are computed in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        opts: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        want_grad = want_h or want_w or want_b
+        group = opts["group"]
+        count = (labels != opts["ignore_index"]).sum()
+        scale = 1.0 / count.clamp(min=1) if opts["mean"] else torch.ones((), device=labels.device)
+
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        )
+        grad_b = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if want_b
+            else None
+        )
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk_loss = _chunk_loss_triton if opts["triton"] else ce_loss_and_grad
+        for start in range(0, hidden.shape[0], opts["chunk_size"]):
+            h = hidden[start : start + opts["chunk_size"]]
+            logits = h @ weight.T
+            if bias is not None:
+                logits = logits + bias
+            loss, dlogits = chunk_loss(
+                logits,
+                labels[start : start + opts["chunk_size"]],
+                ignore_index=opts["ignore_index"],
+                label_smoothing=opts["label_smoothing"],
+                z_loss_weight=opts["z_loss_weight"],
+                softcap=opts["softcap"],
+                want_grad=want_grad,
+                group=group,
+                vocab_start=opts["vocab_start"],
+                vocab_size=opts["vocab_size"],
+            )
+            del logits
+            total += loss.sum()
+            if dlogits is None:
+                continue
+            dlogits = dlogits.mul_(scale).to(hidden.dtype)
+            if grad_h is not None:
+                torch.matmul(dlogits, weight, out=grad_h[start : start + opts["chunk_size"]])
+            if grad_w is not None:
+                grad_w.add_(dlogits.T @ h)
+            if grad_b is not None:
+                grad_b.add_(dlogits.sum(dim=0))
+        if grad_h is not None and group is not None:
+            # Each rank holds the contribution of its vocab slice.
+            dist.all_reduce(grad_h, group=group)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(count)
+        return total * scale, count
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: torch.Tensor, _grad_count: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.param_dtypes
+        out_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        out_w = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
+        out_b = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
+        return out_h, out_w, out_b, None, None
+
+
+def _chunk_loss_triton(
+    logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from automodel.kernels._triton.cross_entropy import ce_loss_and_grad_triton
+
+    return ce_loss_and_grad_triton(logits, labels, **kwargs)
+
+
+def _default_chunk_size(n_tokens: int, vocab_local: int) -> int:
+    """Returns a power-of-two token count whose fp32 logits stay near ``_CHUNK_LOGITS_BYTES``."""
+    target = max(1, _CHUNK_LOGITS_BYTES // (4 * max(vocab_local, 1)))
+    chunk = 1 << (target.bit_length() - 1)
+    return max(1, min(chunk, n_tokens))
+
+
+def _local_replicated(t: torch.Tensor) -> torch.Tensor:
+    """Returns the full tensor for a DTensor (gathered differentiably), else ``t`` itself."""
+    if isinstance(t, DTensor):
+        replicated = [Replicate()] * t.device_mesh.ndim
+        return t.redistribute(t.device_mesh, replicated).to_local()
+    return t
+
+
+def _local_vocab_shard(
+    t: torch.Tensor,
+) -> tuple[torch.Tensor, dist.ProcessGroup | None, int]:
+    """Returns ``(local tensor, process group, first vocab row)`` for a vocab-sharded DTensor."""
+    if not isinstance(t, DTensor):
+        return t, None, 0
+    placements = t.placements
+    if all(isinstance(p, Replicate) for p in placements):
+        return t.to_local(), None, 0
+    if t.device_mesh.ndim != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(
+            "linear_cross_entropy: a DTensor weight must be replicated or sharded on dim 0 (vocab) "
+            f"over a 1-D mesh; got placements {placements} on a {t.device_mesh.ndim}-D mesh. "
+            "Pass the tensor-parallel lm_head weight (FSDP unshards it before forward)"
+        )
+    mesh = t.device_mesh
+    # Shard(0) splits like torch.chunk: every rank but the last holds ceil(V / n) rows.
+    rows_per_rank = -(-t.shape[0] // mesh.size())
+    return t.to_local(), mesh.get_group(), mesh.get_local_rank() * rows_per_rank

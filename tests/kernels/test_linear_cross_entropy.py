@@ -1,0 +1,171 @@
+"""linear_cross_entropy against cross_entropy on the full logits: loss and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automodel.kernels import cross_entropy, linear_cross_entropy
+from harness.distributed import run_distributed
+
+VOCAB, HIDDEN = 37, 24
+
+
+def _problem(seed: int, bias: bool = False) -> dict[str, torch.Tensor | None]:
+    torch.manual_seed(seed)
+    labels = torch.randint(0, VOCAB, (3, 9))
+    labels[0, :4] = -100
+    labels[2, -1] = -100
+    return {
+        "hidden": torch.randn(3, 9, HIDDEN),
+        "weight": torch.randn(VOCAB, HIDDEN) / HIDDEN**0.5,
+        "bias": torch.randn(VOCAB) if bias else None,
+        "labels": labels,
+    }
+
+
+def _full_logits_reference(problem: dict, **options) -> tuple[torch.Tensor, ...]:
+    """(loss, count, grads...) of cross_entropy(hidden @ weight.T + bias) by autograd."""
+    hidden = problem["hidden"].clone().requires_grad_(True)
+    weight = problem["weight"].clone().requires_grad_(True)
+    params = [hidden, weight]
+    logits = hidden @ weight.T
+    if problem["bias"] is not None:
+        bias = problem["bias"].clone().requires_grad_(True)
+        params.append(bias)
+        logits = logits + bias
+    loss, count = cross_entropy(logits, problem["labels"], backend="torch", **options)
+    return (loss, count, *torch.autograd.grad(loss, params))
+
+
+def _chunked(problem: dict, chunk_size: int | None, **options) -> tuple[torch.Tensor, ...]:
+    hidden = problem["hidden"].clone().requires_grad_(True)
+    weight = problem["weight"].clone().requires_grad_(True)
+    params = [hidden, weight]
+    bias = None
+    if problem["bias"] is not None:
+        bias = problem["bias"].clone().requires_grad_(True)
+        params.append(bias)
+    loss, count = linear_cross_entropy(
+        hidden,
+        weight,
+        problem["labels"],
+        bias=bias,
+        chunk_size=chunk_size,
+        backend="torch",
+        **options,
+    )
+    # A non-unit upstream gradient checks that backward scales the stored gradients.
+    grads = torch.autograd.grad(loss * 3.0, params)
+    return (loss, count, *(g / 3.0 for g in grads))
+
+
+OPTIONS = [
+    {},
+    {"reduction": "sum"},
+    {"label_smoothing": 0.1},
+    {"z_loss_weight": 1e-3},
+    {"softcap": 4.0},
+    {"label_smoothing": 0.05, "z_loss_weight": 1e-4, "softcap": 10.0, "reduction": "sum"},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("chunk_size", [None, 5, 27])
+def test_chunked_matches_full_logits(options: dict, chunk_size: int | None) -> None:
+    problem = _problem(0, bias=bool(options))
+    ref = _full_logits_reference(problem, **options)
+    out = _chunked(problem, chunk_size, **options)
+    assert torch.equal(out[1], ref[1])
+    for got, want in zip(out[:1] + out[2:], ref[:1] + ref[2:]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_weight_gets_no_gradient_and_no_grad_mode_skips_grads() -> None:
+    problem = _problem(1)
+    hidden = problem["hidden"].clone().requires_grad_(True)
+    loss, _ = linear_cross_entropy(hidden, problem["weight"], problem["labels"], chunk_size=4)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(grad, _full_logits_reference(problem)[2], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        loss_nograd, _ = linear_cross_entropy(hidden, problem["weight"], problem["labels"])
+    torch.testing.assert_close(loss_nograd, loss, rtol=1e-6, atol=0)
+
+
+def test_bf16_hidden_is_close_to_fp32_reference() -> None:
+    problem = _problem(2)
+    ref = _full_logits_reference(problem)
+    loss, _ = linear_cross_entropy(
+        problem["hidden"].bfloat16(), problem["weight"].bfloat16(), problem["labels"], chunk_size=8
+    )
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref[0], rtol=1e-2, atol=0)
+
+
+def test_linear_cross_entropy_rejects_bad_inputs() -> None:
+    problem = _problem(0)
+    hidden, weight, labels = problem["hidden"], problem["weight"], problem["labels"]
+    with pytest.raises(ValueError, match="reduction='none'"):
+        linear_cross_entropy(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="weight must be \\[V, H\\]"):
+        linear_cross_entropy(hidden, weight.T, labels)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        linear_cross_entropy(hidden, weight, labels[:, 1:])
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+
+
+SHARDED_CASES = [
+    {"label_smoothing": 0.1, "z_loss_weight": 1e-3},
+    {"softcap": 3.0, "reduction": "sum"},
+]
+
+
+def _vocab_sharded_worker(rank: int, world_size: int) -> list[dict]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    problem = _problem(3, bias=True)
+    results = []
+    for options in SHARDED_CASES:
+        hidden = distribute_tensor(problem["hidden"], mesh, [Replicate()]).requires_grad_(True)
+        weight = distribute_tensor(problem["weight"], mesh, [Shard(0)]).requires_grad_(True)
+        bias = distribute_tensor(problem["bias"], mesh, [Shard(0)]).requires_grad_(True)
+        loss, count = linear_cross_entropy(
+            hidden, weight, problem["labels"], bias=bias, chunk_size=10, **options
+        )
+        loss.backward()
+        # A sequence-sharded (sequence-parallel) hidden gives the same loss.
+        hidden_sp = distribute_tensor(problem["hidden"], mesh, [Shard(1)])
+        loss_sp, _ = linear_cross_entropy(
+            hidden_sp, weight, problem["labels"], bias=bias, **options
+        )
+        results.append(
+            {
+                "loss": loss.detach(),
+                "loss_sp": loss_sp.detach(),
+                "count": count,
+                "grad_hidden": hidden.grad.full_tensor(),
+                "grad_weight": weight.grad.full_tensor(),
+                "grad_bias": bias.grad.full_tensor(),
+                "weight_grad_placements": str(weight.grad.placements),
+            }
+        )
+    return results
+
+
+@pytest.mark.slow
+def test_vocab_sharded_dtensor_weight_on_two_ranks() -> None:
+    # 37 rows over 2 ranks: an uneven split (19 + 18) exercises the vocab offsets.
+    per_rank = run_distributed(_vocab_sharded_worker, world_size=2)
+    for case, options in enumerate(SHARDED_CASES):
+        ref = _full_logits_reference(_problem(3, bias=True), **options)
+        for results in per_rank:
+            result = results[case]
+            assert torch.equal(result["count"], ref[1])
+            assert result["weight_grad_placements"] == "(Shard(dim=0),)"
+            torch.testing.assert_close(result["loss"], ref[0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(result["loss_sp"], ref[0], rtol=1e-6, atol=1e-6)
+            for key, want in zip(("grad_hidden", "grad_weight", "grad_bias"), ref[2:]):
+                torch.testing.assert_close(result[key], want, rtol=1e-6, atol=1e-6)

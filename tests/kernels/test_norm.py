@@ -1,0 +1,64 @@
+"""rms_norm / add_rms_norm against transformers' LlamaRMSNorm and GemmaRMSNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from automodel.kernels import add_rms_norm, rms_norm
+
+
+def _hf_norm(offset: float, hidden: int, eps: float, weight: torch.Tensor) -> torch.nn.Module:
+    module = LlamaRMSNorm(hidden, eps=eps) if offset == 0.0 else GemmaRMSNorm(hidden, eps=eps)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    return module
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_transformers_bitwise(offset: float, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 48, dtype=dtype) * 3
+    weight = torch.randn(48)
+    module = _hf_norm(offset, 48, 1e-5, weight).to(dtype)
+    x_ref = x.clone().requires_grad_(True)
+    ref = module(x_ref)
+    x_ours = x.clone().requires_grad_(True)
+    w_ours = module.weight.detach().clone().requires_grad_(True)
+    out = rms_norm(x_ours, w_ours, 1e-5, offset=offset, backend="torch")
+    assert out.dtype == ref.dtype
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    assert torch.equal(x_ours.grad, x_ref.grad)
+    assert torch.equal(w_ours.grad, module.weight.grad)
+
+
+def test_rms_norm_fp32_weight_with_bf16_input_follows_llama_promotion() -> None:
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    weight = torch.randn(32)
+    module = _hf_norm(0.0, 32, 1e-6, weight)
+    assert torch.equal(rms_norm(x, weight, backend="torch"), module(x))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_add_rms_norm_is_norm_of_the_sum(offset: float) -> None:
+    torch.manual_seed(1)
+    x, residual, weight = torch.randn(4, 40), torch.randn(4, 40), torch.randn(40)
+    normed, summed = add_rms_norm(x, residual, weight, 1e-6, offset=offset, backend="torch")
+    assert torch.equal(summed, x + residual)
+    assert torch.equal(normed, _hf_norm(offset, 40, 1e-6, weight)(x + residual))
+
+
+def test_norm_rejects_bad_inputs() -> None:
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="weight must be 1-D"):
+        rms_norm(x, torch.ones(8))
+    with pytest.raises(ValueError, match="residual must match x"):
+        add_rms_norm(x, torch.randn(2, 8), torch.ones(16))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        rms_norm(x, torch.ones(16), backend="triton")
