@@ -126,7 +126,8 @@ class LoraLinear(nn.Linear):
             base_out = result if self.bias is None else result - self.bias
         else:
             base_out = F.linear(dropped, weight)
-        return result + (mag_norm_scale - 1) * base_out + mag_norm_scale * lora_out * self.scaling
+        dora_out = (mag_norm_scale - 1) * base_out + mag_norm_scale * lora_out * self.scaling
+        return result + dora_out
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._quantized:
@@ -144,7 +145,8 @@ class LoraLinear(nn.Linear):
         return self.weight
 
     def _lora_weight(self) -> torch.Tensor:
-        return self.lora_B @ self.lora_A
+        # (A^T then B)^T rather than B @ A: the order peft uses, so fp32 results match it exactly.
+        return F.linear(self.lora_A.t().contiguous(), self.lora_B).t()
 
     def _weight_norm(self, weight: torch.Tensor, lora_weight: torch.Tensor) -> torch.Tensor:
         return torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(weight.dtype)
