@@ -7,9 +7,12 @@ from automodel.parallel.activation_checkpointing import apply_activation_checkpo
 from automodel.parallel.blocks import find_blocks
 from automodel.parallel.config import ParallelConfig
 from automodel.parallel.fsdp import apply_fsdp
+from automodel.parallel.grad_clip import clip_grad_norm_
 from automodel.parallel.launch import init_distributed
 from automodel.parallel.mesh import build_mesh
 from automodel.parallel.parallelize import parallelize, validate_model
+from automodel.parallel.reduction import global_mean_loss, reduce_data_parallel
+from automodel.parallel.seeding import seed_ranks
 from automodel.parallel.tensor_parallel import apply_tensor_parallel, tensor_parallel_plan
 
 __version__ = "0.1.0"
@@ -21,9 +24,13 @@ __all__ = [
     "apply_fsdp",
     "apply_tensor_parallel",
     "build_mesh",
+    "clip_grad_norm_",
     "find_blocks",
+    "global_mean_loss",
     "init_distributed",
     "parallelize",
+    "reduce_data_parallel",
+    "seed_ranks",
     "tensor_parallel_plan",
     "validate_model",
 ]

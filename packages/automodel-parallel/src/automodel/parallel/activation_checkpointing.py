@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -14,6 +15,7 @@ from torch.utils.checkpoint import (
 )
 
 _aten = torch.ops.aten
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def _saved_ops() -> set[Any]:
@@ -34,7 +36,11 @@ def _saved_ops() -> set[Any]:
 
 def _selective_policy(saved: set[Any]) -> Any:
     def policy(_ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+        # A DTensor op dispatches local ops that pass through this policy too: save those, not
+        # the DTensor-level result, so one copy is kept.
+        if op in saved and not any(isinstance(a, DTensor) for a in args):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 
@@ -45,7 +51,8 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
     The block's ``forward`` is wrapped (the module itself is not replaced), so parameter names,
     state dicts and hooks are unchanged. ``"full"`` keeps only the block input; ``"selective"``
     also keeps the outputs of matmuls, attention and collectives, and recomputes the cheap
-    elementwise ops and norms.
+    elementwise ops and norms. While gradients are enabled, a KV cache passed to a block is
+    dropped (as transformers does under gradient checkpointing): recompute would fill it twice.
 
     Args:
         blocks: the modules to checkpoint (usually the decoder layers).
@@ -69,6 +76,13 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
         forward = block.forward
 
         def checkpointed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                # A KV cache is global state that recompute would update a second time.
+                for name in _CACHE_KWARGS:
+                    if kwargs.get(name) is not None:
+                        kwargs[name] = None
+                if "use_cache" in kwargs:
+                    kwargs["use_cache"] = False
             if context_fn is None:
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
             return checkpoint(_forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
