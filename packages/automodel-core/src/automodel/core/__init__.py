@@ -1,5 +1,34 @@
-"""automodel.core — see packages/automodel-core/README.md."""
+"""automodel.core — Hugging Face-compatible AutoModel classes with optimized implementations.
+
+from automodel.core import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-0.6B", dtype="bfloat16")
+"""
+
+from automodel.core.auto import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForSequenceClassification,
+)
+from automodel.core.models.registry import optimized_model_types
+from automodel.core.patching import PatchReport, patch_model
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForImageTextToText",
+    "AutoModelForSequenceClassification",
+    "PatchReport",
+    "__version__",
+    "optimized_model_types",
+    "patch_model",
+]
+
+
+def __getattr__(name: str) -> type:
+    """Returns an automodel Auto class for any other transformers ``AutoModelFor*`` name."""
+    from automodel.core import auto
+
+    return auto.__getattr__(name)

@@ -1,0 +1,276 @@
+"""Drop-in ``AutoModelFor*`` classes: transformers' API plus parallelism, kernels, PEFT, FP8, compile.
+
+``from_pretrained`` / ``from_config`` accept every transformers argument and return a
+``transformers.PreTrainedModel``: automodel's optimized class when one serves the config's
+``model_type`` (see ``automodel.core.models.registry``), else the transformers class with kernel
+patches (``automodel.core.patching``). Extra keyword arguments, all optional:
+
+- ``parallel``: a ``ParallelConfig`` or dict: build on the meta device, parallelize, then each rank
+  reads only its slices of the checkpoint (``automodel.core.sharded_load``).
+- ``device_mesh``: a DeviceMesh to parallelize over (built from ``parallel`` when omitted).
+- ``kernels``: ``"auto"`` (default), ``"none"`` (the stock transformers class, unpatched), or a
+  dict ``{op: backend}`` forwarded to the kernels (e.g. ``{"attention": "flex"}``).
+- ``peft``: a PEFT config (dict or object) applied by ``automodel.core.peft.apply_peft``.
+- ``fp8``: True or a dict of ``convert_to_float8`` options (needs the kernels' ``fp8`` extra).
+- ``compile``: True or a dict of ``torch.compile`` options, applied per decoder layer.
+- ``force_hf``: True gives the transformers class (still kernel-patched unless kernels="none").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+import transformers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from automodel.core import _ops
+from automodel.core.models.registry import optimized_class
+from automodel.core.patching import patch_model
+
+logger = logging.getLogger("automodel.core")
+
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "subfolder",
+    "token",
+    "trust_remote_code",
+    "code_revision",
+)
+# transformers' attn_implementation names -> automodel.kernels.attention backends
+_ATTN_BACKENDS = {
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "flash_attention_2": "flash_attn",
+    "flash_attention_3": "flash_attn",
+    "flex_attention": "flex",
+}
+
+
+class _AutoModelBase:
+    """Shared ``from_pretrained``/``from_config`` logic; subclasses name the HF Auto class."""
+
+    _hf_auto: ClassVar[str]
+    _head: ClassVar[str | None] = None  # which optimized head serves this Auto class, if any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError(
+            f"{type(self).__name__} is designed to be instantiated with "
+            f"`{type(self).__name__}.from_pretrained(...)` or `.from_config(...)`"
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Any,
+        *model_args: Any,
+        parallel: Any = None,
+        device_mesh: Any = None,
+        kernels: str | dict[str, str] = "auto",
+        peft: Any = None,
+        fp8: bool | dict[str, Any] = False,
+        compile: bool | dict[str, Any] = False,
+        force_hf: bool = False,
+        **kwargs: Any,
+    ) -> PreTrainedModel:
+        """Returns the model at ``pretrained_model_name_or_path``, loaded like transformers does.
+
+        Args:
+            pretrained_model_name_or_path: a hub id or a local directory.
+            model_args: passed to the model class, as in transformers.
+            parallel, device_mesh, kernels, peft, fp8, compile, force_hf: see the module docstring.
+            kwargs: every transformers argument (``dtype``, ``revision``, ``attn_implementation``,
+                ``trust_remote_code``, ``cache_dir``, ``token``, config overrides, ...).
+
+        Returns:
+            A ``transformers.PreTrainedModel``.
+
+        Example:
+            >>> model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        """
+        _check_kernels(kernels)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, PretrainedConfig):
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            extra = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
+            config, kwargs = AutoConfig.from_pretrained(
+                config if config is not None else pretrained_model_name_or_path,
+                return_unused_kwargs=True,
+                **hub,
+                **extra,
+            )
+            kwargs.update(hub)
+        model_cls = cls._select(config, kernels, force_hf)
+        if parallel is not None or device_mesh is not None:
+            from automodel.core.sharded_load import load_parallel
+
+            model = load_parallel(
+                model_cls,
+                pretrained_model_name_or_path,
+                config,
+                parallel=parallel,
+                device_mesh=device_mesh,
+                patch=kernels != "none",
+                **kwargs,
+            )
+        else:
+            attn = kwargs.pop("attn_implementation", None)
+            if attn is not None and not _is_ours(model_cls):
+                kwargs["attn_implementation"] = attn
+            model = model_cls.from_pretrained(
+                pretrained_model_name_or_path, *model_args, config=config, **kwargs
+            )
+            _set_attention(model, attn)
+        return _finish(model, kernels, peft, fp8, compile, patched=parallel is not None)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PretrainedConfig,
+        *,
+        parallel: Any = None,
+        device_mesh: Any = None,
+        kernels: str | dict[str, str] = "auto",
+        peft: Any = None,
+        fp8: bool | dict[str, Any] = False,
+        compile: bool | dict[str, Any] = False,
+        force_hf: bool = False,
+        **kwargs: Any,
+    ) -> PreTrainedModel:
+        """Returns a randomly initialized model for ``config`` (transformers' ``from_config``).
+
+        Args:
+            config: a ``transformers.PretrainedConfig``.
+            parallel, device_mesh, kernels, peft, fp8, compile, force_hf: see the module docstring.
+            kwargs: transformers' ``from_config`` arguments (``dtype``, ``attn_implementation``,
+                ``trust_remote_code``).
+
+        Example:
+            >>> model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2))
+        """
+        _check_kernels(kernels)
+        model_cls = cls._select(config, kernels, force_hf)
+        attn = kwargs.pop("attn_implementation", None)
+        if _is_ours(model_cls):
+            kwargs.pop("trust_remote_code", None)
+            model = model_cls._from_config(config, **kwargs)
+        else:
+            if attn is not None:
+                kwargs["attn_implementation"] = attn
+            model = getattr(transformers, cls._hf_auto).from_config(config, **kwargs)
+        _set_attention(model, attn)
+        if parallel is not None or device_mesh is not None:
+            from automodel.core.sharded_load import parallelize_model
+
+            model = parallelize_model(model, parallel=parallel, device_mesh=device_mesh)
+        return _finish(model, kernels, peft, fp8, compile, patched=False)
+
+    @classmethod
+    def _select(cls, config: PretrainedConfig, kernels: Any, force_hf: bool) -> Any:
+        """Returns automodel's class for ``config`` or the transformers Auto class."""
+        if not force_hf and kernels != "none" and cls._head is not None:
+            ours = optimized_class(config, cls._head)
+            if ours is not None:
+                logger.info("automodel: %s uses automodel's %s", config.model_type, ours.__name__)
+                return ours
+        return getattr(transformers, cls._hf_auto)
+
+
+def _is_ours(model_cls: Any) -> bool:
+    return str(getattr(model_cls, "__module__", "")).startswith("automodel.core.models.")
+
+
+def _check_kernels(kernels: Any) -> None:
+    if isinstance(kernels, dict):
+        _ops.set_backends(kernels)
+    elif kernels not in ("auto", "none"):
+        raise ValueError(
+            f"kernels={kernels!r} is not supported; expected 'auto', 'none' or a dict "
+            "{op: backend} such as {'attention': 'flex'}"
+        )
+
+
+def _set_attention(model: Any, attn_implementation: str | None) -> None:
+    """Maps transformers' ``attn_implementation`` onto automodel's attention dispatch."""
+    if attn_implementation is None or not _is_ours(type(model)):
+        return
+    if attn_implementation not in _ATTN_BACKENDS:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} is not supported by automodel's models; "
+            f"expected one of {sorted(_ATTN_BACKENDS)} (or pass force_hf=True)"
+        )
+    _ops.set_backends({"attention": _ATTN_BACKENDS[attn_implementation]})
+
+
+def _finish(
+    model: Any,
+    kernels: Any,
+    peft: Any,
+    fp8: bool | dict[str, Any],
+    compile: bool | dict[str, Any],
+    *,
+    patched: bool,
+) -> Any:
+    """Applies the fallback patches, FP8, PEFT and compile, in that order; returns the model."""
+    if kernels != "none" and not _is_ours(type(model)) and not patched:
+        patch_model(model)
+    if fp8:
+        import automodel.kernels
+
+        convert = automodel.kernels.convert_to_float8  # type: ignore[attr-defined]
+        model = convert(model, **(fp8 if isinstance(fp8, dict) else {}))
+    if peft is not None:
+        from automodel.core.peft import apply_peft
+
+        model = apply_peft(model, peft)
+    if compile:
+        options = compile if isinstance(compile, dict) else {}
+        for block in _decoder_layers(model):
+            block.compile(**options)
+    return model
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Returns the repeated blocks (the largest ModuleList), compiled one by one."""
+    lists: list[list[torch.nn.Module]] = [
+        list(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList)
+    ]
+    return max(lists, key=len) if lists else [model]
+
+
+class AutoModelForCausalLM(_AutoModelBase):
+    """``transformers.AutoModelForCausalLM`` with automodel's optimized decoders and extras."""
+
+    _hf_auto = "AutoModelForCausalLM"
+    _head = "causal_lm"
+
+
+class AutoModel(_AutoModelBase):
+    """``transformers.AutoModel`` (base models without a head), optimized where available."""
+
+    _hf_auto = "AutoModel"
+    _head = "base"
+
+
+class AutoModelForImageTextToText(_AutoModelBase):
+    """``transformers.AutoModelForImageTextToText`` (VLMs) through the patched fallback."""
+
+    _hf_auto = "AutoModelForImageTextToText"
+
+
+class AutoModelForSequenceClassification(_AutoModelBase):
+    """``transformers.AutoModelForSequenceClassification`` through the patched fallback."""
+
+    _hf_auto = "AutoModelForSequenceClassification"
+
+
+def __getattr__(name: str) -> type:
+    """Returns an automodel Auto class for any other transformers ``AutoModelFor*`` name."""
+    if name.startswith("AutoModelFor") and hasattr(transformers, name):
+        return type(name, (_AutoModelBase,), {"_hf_auto": name, "__module__": __name__})
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
