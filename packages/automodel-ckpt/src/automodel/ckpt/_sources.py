@@ -152,6 +152,10 @@ class SafetensorsSource(Source):
             )
         return {t: found[t] for t in sorted(found, key=lambda t: (found[t].file, found[t].begin))}
 
+    def fd(self, path: Path) -> int:
+        """Returns an open read-only descriptor of ``path`` (cached until ``close``)."""
+        return self._fds.get(path)
+
     def read(self, name, offsets=None, sizes=None):  # type: ignore[no-untyped-def]
         entry = self.entries[name]
         return read_region(self._fds.get(entry.file), entry, offsets, sizes)
@@ -192,6 +196,10 @@ class ShardedSafetensorsSource(Source):
                 )
             self.tensors[name] = TensorInfo(chunks[0][0].dtype, shape)
         self._fds = _FdCache()
+
+    def fd(self, path: Path) -> int:
+        """Returns an open read-only descriptor of ``path`` (cached until ``close``)."""
+        return self._fds.get(path)
 
     def read(self, name, offsets=None, sizes=None):  # type: ignore[no-untyped-def]
         info = self.tensors[name]
@@ -234,21 +242,25 @@ class DCPSource(Source):
                 self.non_tensors.append(name)
 
     def read(self, name, offsets=None, sizes=None):  # type: ignore[no-untyped-def]
-        import torch.distributed.checkpoint as dcp
-
-        info = self.tensors[name]
-        full = torch.empty(info.shape, dtype=info.dtype)
-        try:
-            with coll.quiet_single_process():
-                dcp.load({name: full}, checkpoint_id=str(self.path), no_dist=True)
-        except Exception as e:
-            raise CheckpointError(
-                f"{self.path}: cannot read tensor {name!r} ({type(e).__name__}: {e}); "
-                "the checkpoint is corrupt or incomplete"
-            ) from None
+        full = self.read_many([name])[name]
         if offsets is None or sizes is None:
             return full
         return full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].contiguous()
+
+    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Returns the full tensors ``names``, read with one ``dcp.load`` call."""
+        import torch.distributed.checkpoint as dcp
+
+        out = {n: torch.empty(self.tensors[n].shape, dtype=self.tensors[n].dtype) for n in names}
+        try:
+            with coll.quiet_single_process():
+                dcp.load(out, checkpoint_id=str(self.path), no_dist=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.path}: cannot read tensors {names[:3]} ({type(e).__name__}: {e}); "
+                "the checkpoint is corrupt or incomplete"
+            ) from None
+        return out
 
 
 def detect_format(path: Path) -> str:

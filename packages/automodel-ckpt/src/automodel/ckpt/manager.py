@@ -40,8 +40,8 @@ from automodel.ckpt._size import parse_size
 from automodel.ckpt._state import named_tensors
 from automodel.ckpt.errors import CheckpointError
 from automodel.ckpt.key_map import KeyMap, as_key_map
-from automodel.ckpt.load import load as load_model
-from automodel.ckpt.save import hf_tensors, plan_write, save_configs, write_safetensors
+from automodel.ckpt.loading import load as load_model
+from automodel.ckpt.saving import hf_tensors, plan_write, save_configs, write_safetensors
 
 __all__ = ["CheckpointManager"]
 
