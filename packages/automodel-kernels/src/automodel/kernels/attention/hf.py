@@ -39,8 +39,10 @@ def hf_attention_forward(
     - ``None``: the pattern comes from ``module.is_causal`` (or an ``is_causal`` kwarg),
       ``sliding_window``, and the packing kwargs ``document_ids`` ``[B, Sk]`` or ``cu_seq_lens_q``
       (transformers' flash-attention kwarg for packed batches of one row);
-    - ``[B, Sk]`` (the user's padding mask, which transformers passes through unchanged to an
-      attention function it has no mask builder for): key padding on top of the pattern above;
+    - ``[B, Sk]`` padding (1 = real token; its last ``Sk`` columns are used): key padding on top of
+      the pattern above. This is what transformers' ``flash_attention_mask`` builds, so register
+      that as the mask function of the same name (``AttentionMaskInterface.register``); with no
+      mask function registered, transformers passes ``None`` and padding is lost;
     - ``[B, 1, Sq, Sk]`` boolean (True = attend) or additive float: used as is, through SDPA (or the
       eager reference when ``softcap`` is set).
 
@@ -120,7 +122,10 @@ class _PaddingCache:
         self._result: torch.Tensor | None = None
 
     def key_padding_mask(self, mask: torch.Tensor, kv_len: int) -> torch.Tensor | None:
-        """Returns ``mask[:, :kv_len]`` as bool, or None when it hides nothing (keeps fast paths)."""
+        """Returns the last ``kv_len`` columns of ``mask`` as bool, or None when they hide nothing.
+
+        The last columns: a sliding-window cache keeps only the most recent keys.
+        """
         key = (mask, mask._version, kv_len)
         if self._key is None or self._key[0] is not mask or self._key[1:] != key[1:]:
             if mask.shape[1] < kv_len:
@@ -128,7 +133,7 @@ class _PaddingCache:
                     f"hf_attention_forward: the [B, Sk] attention_mask covers {mask.shape[1]} "
                     f"positions but there are {kv_len} keys; pass a mask over every key"
                 )
-            padding = mask[:, :kv_len].bool()
+            padding = mask[:, -kv_len:].bool()
             # One host sync per new mask, not one per layer.
             self._result = None if bool(padding.all()) else padding
             self._key = key
