@@ -77,6 +77,12 @@ def _save_2_ranks(rank, world_size, root, hf_dir):
     optimizer.zero_grad()
     manager = CheckpointManager(Path(root) / "run")
     manager.save(1, model=model, optimizer=optimizer)
+    # torch's own per-rank sharded safetensors layout, a `merge` source (checked by the caller).
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    writer = HuggingFaceStorageWriter(str(Path(root) / "per_rank"), save_distributed=True)
+    dcp.save(model.state_dict(), storage_writer=writer)
     model_sd, optim_sd = _full_states(model, optimizer)
 
     # A save_pretrained folder with several small shards -> FSDP2 model, each rank its slices.
@@ -154,7 +160,7 @@ def _assert_equal(actual, expected, path=""):
 
 
 def test_fsdp_save_then_1_process_and_2d_fsdp_tp_load(tmp_path, tiny_model_dir):
-    from automodel.ckpt import load
+    from automodel.ckpt import load, merge
 
     hf_dir = tiny_model_dir("llama", max_shard_size="30KB")
     saved = run_distributed(_save_2_ranks, 2, root=str(tmp_path), hf_dir=str(hf_dir))[0]
@@ -174,6 +180,15 @@ def test_fsdp_save_then_1_process_and_2d_fsdp_tp_load(tmp_path, tiny_model_dir):
     assert loaded["step"] == 1
     _assert_equal(loaded["model"], saved["model"])
     _assert_equal(loaded["optim"], saved["optim"])
+
+    # Per-rank files of an FSDP2 model (DCP's HuggingFaceStorageWriter) -> one HF folder.
+    merged = merge(tmp_path / "per_rank", tmp_path / "merged")
+    assert len(list((tmp_path / "per_rank").glob("shard-*.safetensors"))) == 2
+    merged_model = build_tiny_model("llama", seed=5)
+    load(merged_model, merged, strict=False)  # per-rank files keep lm_head.weight (tied)
+    _assert_equal(
+        {k: v for k, v in merged_model.state_dict().items() if k in saved["model"]}, saved["model"]
+    )
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
     _assert_equal(saved["from_hf"], {k: reference[k] for k in saved["from_hf"]})
