@@ -29,37 +29,42 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def reference_run(name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Returns (losses, first-step grads by name) of a single-process fp32 run."""
-    model = build_tiny_model(name).train()
+def reference_run(name: str, device: str = "cpu") -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Returns (losses, first-step grads by name, on CPU) of a single-process fp32 run."""
+    model = build_tiny_model(name).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
     losses, grads = [], {}
     for step, ids in enumerate(batches()):
+        ids = ids.to(device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if step == 0:
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
     return losses, grads
 
 
-def parallel_run(name: str, config: ParallelConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Returns (global losses, first-step full grads by name) of ``config`` on this world."""
-    mesh = build_mesh(config)
-    model = build_tiny_model(name).train()
+def parallel_run(
+    name: str, config: ParallelConfig, device: str = "cpu"
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Returns (global losses, first-step full grads by name, on CPU) of ``config`` here."""
+    mesh = build_mesh(config, device_type=torch.device(device).type)
+    model = build_tiny_model(name).to(device).train()
     parallelize(model, config, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
     dp = mesh["dp"]
     losses, grads = [], {}
     for step, ids in enumerate(batches()):
         # Each data-parallel rank takes its slice of the global batch; tp ranks share one.
-        local = ids.chunk(dp.size())[dp.get_local_rank()]
+        local = ids.chunk(dp.size())[dp.get_local_rank()].to(device)
         loss = model(input_ids=local, labels=local).loss
         loss.backward()
         if step == 0:
-            grads = {n: _full(p.grad).detach().float().clone() for n, p in model.named_parameters()}
+            grads = {
+                n: _full(p.grad).detach().float().cpu().clone() for n, p in model.named_parameters()
+            }
         opt.step()
         opt.zero_grad()
         global_loss = loss.detach().float().clone()
@@ -69,10 +74,13 @@ def parallel_run(name: str, config: ParallelConfig) -> tuple[list[float], dict[s
 
 
 def compare(
-    name: str, config: dict[str, Any], reference: tuple[list[float], dict[str, torch.Tensor]]
+    name: str,
+    config: dict[str, Any],
+    reference: tuple[list[float], dict[str, torch.Tensor]],
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Returns {"loss_diff", "grad_diff", "worst", "missing"} of ``config`` against ``reference``."""
-    losses, grads = parallel_run(name, ParallelConfig(**config))
+    losses, grads = parallel_run(name, ParallelConfig(**config), device)
     ref_losses, ref_grads = reference
     loss_diff = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
     worst, grad_diff = "", 0.0

@@ -8,11 +8,16 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def _local_norm_pow(grad: torch.Tensor, norm_type: float) -> torch.Tensor:
     """Returns sum(|g|^p) of this rank's piece, reduced over the dims the grad is split on."""
+    if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+        # Pending sums: the norm of a sum is not a sum of norms, so finish them first.
+        grad = grad.redistribute(
+            placements=[Replicate() if p.is_partial() else p for p in grad.placements]
+        )
     local = grad.to_local() if isinstance(grad, DTensor) else grad
     local = local.detach().float()
     if math.isinf(norm_type):
@@ -23,8 +28,8 @@ def _local_norm_pow(grad: torch.Tensor, norm_type: float) -> torch.Tensor:
         mesh = grad.device_mesh
         op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
         for dim, placement in enumerate(grad.placements):
-            # Shard: each rank holds a different piece. Partial: pieces add up. Replicate: same.
-            if isinstance(placement, Shard | Partial) and mesh.size(dim) > 1:
+            # Shard (incl. FSDP's strided shard over TP): each rank holds a different piece.
+            if not placement.is_replicate() and mesh.size(dim) > 1:
                 dist.all_reduce(value, op=op, group=mesh.get_group(dim))
     return value
 

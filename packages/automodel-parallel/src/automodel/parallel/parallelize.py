@@ -60,14 +60,13 @@ def validate_model(
         Traceback (most recent call last):
         ValueError: tp=3 does not divide the 4 attention heads of model.layers.0.self_attn; ...
     """
-    found = find_blocks(model, blocks)
-    if config.pp > 1:
-        layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or len(found)
-        if config.pp > layers:
-            raise ValueError(
-                f"pp={config.pp} is larger than the {layers} layers of {type(model).__name__}; "
-                f"use pp <= {layers} (each stage needs at least one layer)"
-            )
+    # A pipeline stage (no HF config) holds a part of the layers: pipeline() checked the split.
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if config.pp > 1 and layers is not None and config.pp > layers:
+        raise ValueError(
+            f"pp={config.pp} is larger than the {layers} layers of {type(model).__name__}; "
+            f"use pp <= {layers} (each stage needs at least one layer)"
+        )
     if config.tp > 1 and check_tp:
         tensor_parallel_plan(
             model, config.tp, sequence_parallel=config.sequence_parallel, blocks=blocks
