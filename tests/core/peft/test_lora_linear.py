@@ -18,10 +18,11 @@ from automodel.core.peft import (
     adapter_placements,
     apply_peft,
     merge_adapters,
+    reset_adapters,
     save_pretrained_adapter,
     unmerge_adapters,
 )
-from harness.models import VOCAB_SIZE, build_tiny_model
+from harness.models import VOCAB_SIZE, build_tiny_model, tiny_config
 
 
 def test_lora_linear_computes_the_lora_formula():
@@ -162,3 +163,22 @@ def test_adapter_placements_follow_the_base_weight():
     assert adapter_placements("lora_A", [Shard(-1)]) == (Shard(1),)
     assert adapter_placements("lora_B", [Shard(1)]) == (Replicate(),)
     assert adapter_placements("lora_B", [Replicate(), Shard(0)]) == (Replicate(), Shard(0))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_adapters_of_a_meta_built_model_initialize_after_loading(use_dora):
+    config = LoraConfig(rank=4, init="random", use_dora=use_dora)
+    real = reset_adapters(apply_peft(build_tiny_model("llama"), config), seed=3)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    apply_peft(meta, config)
+    assert all(p.is_meta for n, p in meta.named_parameters() if ".lora_" in n)
+    meta.to_empty(device="cpu")
+    missing, _ = meta.load_state_dict(build_tiny_model("llama").state_dict(), strict=False)
+    assert missing and all(".lora_" in k for k in missing)
+    reset_adapters(meta, seed=3)
+    expected = {k: v for k, v in real.state_dict().items() if ".lora_" in k}
+    got = {k: v for k, v in meta.state_dict().items() if ".lora_" in k}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=0, rtol=0)

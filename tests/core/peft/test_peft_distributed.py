@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from automodel.core.peft import LoraConfig, apply_peft, load_adapter, save_adapter
+from automodel.core.peft import LoraConfig, apply_peft, load_adapter, reset_adapters, save_adapter
 from harness.distributed import run_distributed
 from harness.models import VOCAB_SIZE, build_tiny_model
 
@@ -116,6 +116,12 @@ def _lora_parallel_worker(rank: int, world_size: int, out_dir: str) -> dict[str,
         save_adapter(reference, out / f"{kind}-reference")
         for name, cfg, mesh in (("fsdp", fsdp_cfg, fsdp_mesh), ("tp", tp_cfg, tp_mesh)):
             fresh = parallelize(_make(lora), cfg, mesh)
+            # Re-initialized in place (the meta-device path): each rank's slice of the same values.
+            reset_adapters(fresh, seed=5)
+            expected = _adapter_state(reset_adapters(_make(lora), seed=5))
+            result[f"{kind}/{name}_reset_diff"] = max(
+                (v - expected[n]).abs().max().item() for n, v in _adapter_state(fresh).items()
+            )
             load_adapter(fresh, out / f"{kind}-reference")
             batch = eval_batch if name == "tp" else local[0]
             loss = torch.tensor(_eval_loss(fresh, batch))
@@ -123,6 +129,14 @@ def _lora_parallel_worker(rank: int, world_size: int, out_dir: str) -> dict[str,
                 dist.all_reduce(loss)
                 loss /= world_size
             result[f"{kind}/{name}_loaded_eval"] = loss.item()
+            # After an evaluation forward FSDP may hold gathered copies: writes must reach shards.
+            reset_adapters(fresh, seed=5)
+            again = torch.tensor(_eval_loss(fresh, batch))
+            if name == "fsdp":
+                dist.all_reduce(again)
+                again /= world_size
+            result[f"{kind}/{name}_reset_eval"] = again.item()
+        result[f"{kind}/reset_eval"] = _eval_loss(reset_adapters(_make(lora), seed=5), eval_batch)
         if rank == 0:
             from safetensors.torch import load_file
 
@@ -154,6 +168,10 @@ def test_lora_and_dora_under_fsdp2_and_tp_match_single_process(tmp_path):
             torch.testing.assert_close(r[f"{kind}/{parallel}"], reference, atol=1e-5, rtol=1e-5)
             assert r[f"{kind}/{parallel}_param_diff"] < 1e-5
             assert r[f"{kind}/{parallel}_saved_diff"] < 1e-5
+            assert r[f"{kind}/{parallel}_reset_diff"] < 1e-6
+            torch.testing.assert_close(
+                r[f"{kind}/{parallel}_reset_eval"], r[f"{kind}/reset_eval"], atol=1e-5, rtol=1e-5
+            )
             torch.testing.assert_close(
                 r[f"{kind}/{parallel}_loaded_eval"],
                 r[f"{kind}/reference_eval"],

@@ -15,6 +15,7 @@ from automodel.core.peft.apply import (
     adapter_parameters,
     apply_peft,
     merge_adapters,
+    reset_adapters,
     unmerge_adapters,
 )
 from automodel.core.peft.config import LoraConfig
@@ -32,6 +33,7 @@ __all__ = [
     "find_target_modules",
     "load_adapter",
     "merge_adapters",
+    "reset_adapters",
     "save_adapter",
     "save_pretrained_adapter",
     "unmerge_adapters",

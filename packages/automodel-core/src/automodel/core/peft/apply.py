@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from automodel.core.peft.config import LoraConfig, as_lora_config
@@ -75,6 +76,40 @@ def apply_peft(model: ModelT, config: LoraConfig | Mapping[str, Any]) -> ModelT:
         for lora in adapter_modules(model).values():
             quantize_nf4(lora)
     model._automodel_lora_config = config  # type: ignore[assignment]  # read by save_adapter
+    return model
+
+
+def reset_adapters(model: ModelT, *, seed: int | None = None) -> ModelT:
+    """Returns ``model`` with every adapter initialized again, as ``apply_peft`` initializes them.
+
+    For models built on the meta device: ``apply_peft`` (before ``parallelize``) leaves the adapters
+    empty, and once the base weights are materialized and loaded this gives them their initial
+    values (the DoRA magnitude is computed from the loaded weights). Works on FSDP2 / TP sharded
+    models: values are drawn at full shape and each rank keeps its slice.
+
+    Args:
+        model: a model with adapters.
+        seed: draw from ``torch.Generator().manual_seed(seed)``: equal adapters on every rank,
+            whatever the ranks' RNG states. None uses the global RNG.
+
+    Returns:
+        The same ``model`` object.
+
+    Example:
+        >>> model = apply_peft(meta_model, LoraConfig(rank=8))        # doctest: +SKIP
+        >>> model = parallelize(model, config, mesh)                  # doctest: +SKIP
+        >>> model.to_empty(device="cuda"); load_base_weights(model)   # doctest: +SKIP
+        >>> reset_adapters(model, seed=0)                             # doctest: +SKIP
+    """
+    modules = adapter_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters; apply_peft first")
+    config: LoraConfig | None = getattr(model, "_automodel_lora_config", None)
+    init = config.init if config is not None else "default"
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    reshard_fsdp(model)
+    for lora in modules.values():
+        lora.reset_adapter_parameters(init, generator=generator)
     return model
 
 
@@ -149,3 +184,16 @@ def _refuse_sharded(name: str, module: nn.Module) -> None:
             f"{name!r} is already sharded (DTensor / FSDP): call apply_peft before parallelize / "
             "fully_shard so the adapters are sharded together with their base layers"
         )
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Puts FSDP2 modules back in their sharded state, so in-place writes reach the real shards.
+
+    After a forward without backward (evaluation), FSDP2 may keep gathered copies registered;
+    writing into those would be lost at the next all-gather.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

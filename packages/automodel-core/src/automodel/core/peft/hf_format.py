@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from automodel.core.peft.apply import adapter_modules, apply_peft
+from automodel.core.peft.apply import adapter_modules, apply_peft, reshard_fsdp
 from automodel.core.peft.config import LoraConfig
-from automodel.core.peft.lora_linear import LoraLinear
+from automodel.core.peft.lora_linear import LoraLinear, _assign_full
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -123,6 +123,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             f"{len(missing)} adapter tensor(s) missing from the file (e.g. {missing[:3]}); "
             "was it trained on another architecture, or with other target_modules / use_dora?"
         )
+    reshard_fsdp(model)
     with torch.no_grad():
         for key, (lora, param) in expected.items():
             _copy_full_into(getattr(lora, param), state[key], key)
@@ -216,22 +217,12 @@ def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor, key: str) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if tuple(param.shape) != tuple(full.shape):
         raise ValueError(
             f"adapter tensor {key!r} has shape {tuple(full.shape)}, the model expects "
             f"{tuple(param.shape)}: the adapter's rank or the model size differs"
         )
-    full = full.to(dtype=param.dtype)
-    if isinstance(param, DTensor):
-        # Every rank read the same file: take the local slice without communication.
-        local = distribute_tensor(
-            full.to(param.device), param.device_mesh, param.placements, src_data_rank=None
-        )
-        param.to_local().copy_(local.to_local())
-    else:
-        param.copy_(full.to(param.device))
+    _assign_full(param, full.to(dtype=param.dtype))
 
 
 def _is_rank_zero() -> bool:

@@ -89,23 +89,34 @@ class LoraLinear(nn.Linear):
         self.reset_adapter_parameters(init)
 
     @torch.no_grad()
-    def reset_adapter_parameters(self, init: str = "default") -> None:
-        """Initializes the adapter in place (after ``to_empty`` on a meta-built model, for example).
+    def reset_adapter_parameters(
+        self, init: str = "default", *, generator: torch.Generator | None = None
+    ) -> None:
+        """Initializes the adapter in place; a no-op while the layer is on the meta device.
 
-        ``"default"`` and ``"gaussian"`` zero ``lora_B`` so the layer equals its base; the DoRA
-        magnitude starts at the row norms of the current (base + adapter) weight.
+        ``"default"`` (A Kaiming-uniform as ``nn.Linear``, B zero) and ``"gaussian"`` (A normal
+        with std ``1 / rank``, B zero) leave the layer equal to its base; ``"random"`` draws B too.
+        The DoRA magnitude becomes the row norms of the adapted weight. Values are drawn at full
+        shape on the CPU from ``generator`` (the global RNG when None) and sharded DTensor
+        parameters take their slice, so equal generators give equal adapters on every rank and
+        in a single process.
         """
+        if self.lora_A.device.type == "meta":
+            return
+        a_bound, b_bound = 1.0 / math.sqrt(self.in_features), 1.0 / math.sqrt(self.rank)
+        a = torch.empty(tuple(self.lora_A.shape))
         if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.rank)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            a.normal_(0.0, 1.0 / self.rank, generator=generator)
+        else:  # kaiming_uniform_(a=sqrt(5)) of nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            a.uniform_(-a_bound, a_bound, generator=generator)
+        b = torch.zeros(tuple(self.lora_B.shape))
         if init == "random":
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
+            b.uniform_(-b_bound, b_bound, generator=generator)
+        _assign_full(self.lora_A, a)
+        _assign_full(self.lora_B, b)
         if self.use_dora:
-            weight = self.dense_weight()
-            self.lora_magnitude_vector.copy_(self._weight_norm(weight, self._lora_weight()))
+            norm = self._weight_norm(self.dense_weight(), self._lora_weight())
+            _assign_full(self.lora_magnitude_vector, norm)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,3 +263,21 @@ def adapter_placements(name: str, weight_placements: Sequence[Any]) -> tuple[Any
         else:
             placements.append(Shard(0) if sharded_dim == 0 else Replicate())
     return tuple(placements)
+
+
+def _assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copies the full-shape ``full`` into ``param``, taking only this rank's slice of a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        if isinstance(full, DTensor):
+            local = full.redistribute(param.device_mesh, param.placements).to_local()
+        else:
+            # Every rank holds the same full values: slice locally, no communication.
+            sharded = distribute_tensor(
+                full.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+            )
+            local = sharded.to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(full)
