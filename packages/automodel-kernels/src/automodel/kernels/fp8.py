@@ -52,17 +52,17 @@ def convert_to_float8(
     return convert_to_float8_training(
         model,
         config=config,
-        module_filter_fn=float8_module_filter(filter_fqns=filter_fqns, min_features=min_features),
+        module_filter_fn=_float8_module_filter(filter_fqns=filter_fqns, min_features=min_features),
     )
 
 
-def float8_module_filter(
+def _float8_module_filter(
     *, filter_fqns: Sequence[str] = (), min_features: int = 1024
 ) -> Callable[[nn.Module, str], bool]:
     """Returns torchao's ``module_filter_fn``: True for the linears :func:`convert_to_float8` converts.
 
     Example:
-        >>> keep = float8_module_filter(filter_fqns=("lm_head",), min_features=64)
+        >>> keep = _float8_module_filter(filter_fqns=("lm_head",), min_features=64)
         >>> keep(nn.Linear(64, 128), "layers.0.mlp.up_proj"), keep(nn.Linear(64, 128), "lm_head")
         (True, False)
     """
