@@ -68,7 +68,7 @@ def test_finetune_bundled_default_end_to_end(tmp_path: Path) -> None:
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
     assert (out_dir / "metrics.jsonl").is_file() and (out_dir / "FINISHED").is_file()
-    assert (out_dir / "checkpoints" / "step_60" / "model.pt").is_file()
+    assert (out_dir / "checkpoints" / "step_60" / "model.safetensors").is_file()
 
     # Running again into the finished run refuses in one line and leaves everything in place.
     before = {p: p.stat().st_mtime_ns for p in out_dir.rglob("*") if p.is_file()}

@@ -1,6 +1,6 @@
 """Rebuilds the bundled default (chat data, tokenizer, pre-trained tiny model) shipped with the package.
 
-    uv run python packages/automodel-recipes/tools/build_bundled_default.py [--pretrain-steps 1500]
+    uv run python packages/automodel-recipes/tools/build_bundled_default.py [--pretrain-steps 300]
 
 Everything is synthetic and generated here, so the bundle needs no network and carries no licence
 baggage. Three artefacts land in ``src/automodel/recipes/bundled/``:
@@ -238,7 +238,7 @@ def _pretrain(model_dir: Path, docs: list[str], steps: int, seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-pretrain", action="store_true")
     args = parser.parse_args()

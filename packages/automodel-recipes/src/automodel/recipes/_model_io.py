@@ -89,15 +89,36 @@ def load_tokenizer(model: ModelSection, cfg: TokenizerSection, processor: bool =
     return tok
 
 
-def save_final(model: Any, tokenizer: Any, folder: Path) -> Path:
-    """Writes the model (or PEFT adapter) and tokenizer to ``folder`` atomically; returns it.
+def save_final(
+    model: Any, tokenizer: Any, folder: Path, *, adapter: bool, distributed: bool
+) -> Path:
+    """Writes the model (or its PEFT adapter) and tokenizer to ``folder`` atomically; returns it.
 
-    The new folder is written beside the target and swapped in only when complete, so an
+    Collective: every rank calls it; each writes the slices it holds (automodel.ckpt), rank 0 the
+    rest. The new folder is written beside the target and swapped in only when complete, so an
     interrupted save never destroys a previous one.
     """
+    import torch.distributed as dist
+
+    main = not distributed or dist.get_rank() == 0
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if distributed:
+        dist.barrier()
+    if adapter:
+        from automodel.core.peft import save_adapter
+
+        save_adapter(model, tmp)
+    elif distributed:
+        from automodel.ckpt import save
+
+        save(model, tmp)
+    else:
+        model.save_pretrained(tmp)
+    if not main:
+        dist.barrier()
+        return folder
     tokenizer.save_pretrained(tmp)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
@@ -107,35 +128,43 @@ def save_final(model: Any, tokenizer: Any, folder: Path) -> Path:
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
+    if distributed:
+        dist.barrier()
     return folder
 
 
 def sample(folder: Path, prompt: str, max_new_tokens: int, adapter: bool = False) -> str:
     """Returns the greedy reply of the saved model in ``folder`` to a user message.
 
-    Loads with plain transformers (and peft for an adapter folder), proving the folder is usable.
+    Loads with plain transformers (an adapter on top of its base model), proving the folder works.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     if adapter:
-        from peft import AutoPeftModelForCausalLM
+        import json
 
-        model = AutoPeftModelForCausalLM.from_pretrained(folder)
+        from automodel.core.peft import load_adapter
+
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = load_adapter(AutoModelForCausalLM.from_pretrained(base), folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)
     model.eval()
+    encoded: Any
     if tok.chat_template:
-        ids = tok.apply_chat_template(
+        encoded = tok.apply_chat_template(
             [{"role": "user", "content": prompt}],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
-        )["input_ids"]
+        )
     else:
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        encoded = tok(prompt, return_tensors="pt")
+    ids = encoded["input_ids"]
+    generate: Any = model.generate
     with torch.no_grad():
-        out = model.generate(
+        out = generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,

@@ -1,4 +1,4 @@
-"""LoRA adapters: automodel.core.peft when it exists, else the `peft` library."""
+"""LoRA adapters through automodel.core.peft (saved in the Hugging Face peft format)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,10 @@ from automodel.recipes.config import PeftSection
 
 
 def apply_lora(model: Any, cfg: PeftSection) -> Any:
-    """Returns ``model`` with LoRA adapters on ``cfg.target_modules``; only adapters train.
+    """Returns ``model`` with LoRA adapters on ``cfg.target_modules``; only adapters train."""
+    from automodel.core.peft import LoraConfig, apply_peft
 
-    Raises:
-        ValueError: neither automodel.core.peft nor peft is installed.
-    """
-    try:
-        from automodel.core import peft as core_peft  # type: ignore[attr-defined]
-
-        config = core_peft.LoraConfig(
-            r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules
-        )
-        return core_peft.apply_peft(model, config)
-    except (ImportError, AttributeError, TypeError):
-        pass
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ValueError("the peft section needs LoRA support: `pip install peft`") from None
     config = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )  # fmt: skip
-    return get_peft_model(model, config)
+        rank=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=list(cfg.target_modules)
+    )
+    return apply_peft(model, config)

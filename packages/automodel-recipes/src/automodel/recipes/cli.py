@@ -216,11 +216,14 @@ def recipes() -> None:
 @click.option(
     "--container", default=None, help="Container image (pyxis/enroot srun --container-image)."
 )
+@click.option(
+    "--port", type=int, default=29500, show_default=True, help="Rendezvous port on the first node."
+)
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script instead of submitting it.")
 @_friendly
 def slurm(
     config: str, overrides: tuple[str, ...], nodes: int, gpus_per_node: int, partition: str | None,
-    time_limit: str | None, container: str | None, dry_run: bool,
+    time_limit: str | None, container: str | None, port: int, dry_run: bool,
 ) -> None:  # fmt: skip
     """Write an sbatch script for CONFIG.yaml and submit it (or print it with --dry-run)."""
     from automodel.recipes._slurm import sbatch_script
@@ -229,7 +232,7 @@ def slurm(
     load_config(config, list(overrides))  # fail here, not after hours in the queue
     script = sbatch_script(
         str(Path(config).resolve()), list(overrides), nodes=nodes, gpus_per_node=gpus_per_node,
-        partition=partition, time=time_limit, container=container,
+        partition=partition, time=time_limit, container=container, port=port,
     )  # fmt: skip
     if dry_run:
         click.echo(script, nl=False)

@@ -30,7 +30,7 @@ from automodel.recipes.train import (
     teardown_runtime,
     train,
 )
-from automodel.recipes.train._data_parallel import describe, replicate
+from automodel.recipes.train._data_parallel import describe, parallelize_for_training
 
 
 def run(cfg: RecipeConfig) -> Path:
@@ -60,7 +60,8 @@ def run(cfg: RecipeConfig) -> Path:
     model = _load_model(cfg.model).to(rt.device)
     if cfg.peft is not None:
         model = apply_lora(model, cfg.peft)
-    sync_grads = replicate(model, rt)
+    par = parallelize_for_training(model, cfg.parallel, rt)
+    model, rt = par.model, par.runtime
     if t.compile:
         model.compile()
     metrics.print(
@@ -75,7 +76,7 @@ def run(cfg: RecipeConfig) -> Path:
         return collate(rows, tokenizer.pad_token_id)
 
     batches = ShardedBatches(
-        examples, t.micro_batch_size, collate_fn, rank=rt.rank, world_size=rt.world_size,
+        examples, t.micro_batch_size, collate_fn, rank=rt.dp_rank, world_size=rt.dp_size,
         seed=t.seed, shuffle=cfg.data.shuffle,
     )  # fmt: skip
     val = (
@@ -83,8 +84,8 @@ def run(cfg: RecipeConfig) -> Path:
             val_examples,
             t.micro_batch_size,
             collate_fn,
-            rank=rt.rank,
-            world_size=rt.world_size,
+            rank=rt.dp_rank,
+            world_size=rt.dp_size,
             shuffle=False,
         )
         if val_examples
@@ -102,15 +103,20 @@ def run(cfg: RecipeConfig) -> Path:
             if "attention_mask" in b
             else b["input_ids"].new_tensor(b["input_ids"].numel())
         ),
-        sync_grads=sync_grads,
+        clip=par.clip,
+        grad_scale=par.grad_scale,
     )
     result = train(
         cfg, rt, model, optimizer, scheduler, batches, fns, out, metrics, val_batches=val
     )
 
     final = out.checkpoints / f"step_{result.step}"
+    if not result.preempted:
+        final = out.root / ("adapter" if cfg.peft else "model")
+        save_final(
+            model, tokenizer, final, adapter=cfg.peft is not None, distributed=rt.distributed
+        )
     if not result.preempted and rt.is_main:
-        final = save_final(model, tokenizer, out.root / ("adapter" if cfg.peft else "model"))
         out.mark_finished(result.step, final)
         metrics.print(f"saved {'adapter' if cfg.peft else 'model'}: {final}")
         if t.sample_prompt:

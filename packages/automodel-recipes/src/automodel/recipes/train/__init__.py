@@ -1,6 +1,5 @@
 """Training loop building blocks: runtime, schedules, checkpoints, metrics, signals, the loop."""
 
-from automodel.recipes.train._checkpoint import TrainingCheckpoints
 from automodel.recipes.train._loop import LoopResult, StepFunctions, train, validate
 from automodel.recipes.train._metrics import MetricsLogger
 from automodel.recipes.train._output import RunDir, RunError
@@ -16,7 +15,6 @@ __all__ = [
     "RunError",
     "Runtime",
     "StepFunctions",
-    "TrainingCheckpoints",
     "build_scheduler",
     "lr_multiplier",
     "setup_runtime",

@@ -1,48 +1,57 @@
-"""Data parallelism for the loop: FSDP2 through automodel.parallel when present, else replicas."""
+"""Parallelizes the model for training (automodel.parallel: FSDP2, TP, AC...) and says how."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from automodel.recipes.config import ParallelSection
 from automodel.recipes.train._runtime import Runtime
 
 
-def replicate(model: torch.nn.Module, rt: Runtime) -> Callable[[], None] | None:
-    """Makes every rank start from rank 0's weights; returns the gradient sum-all-reduce to call.
+@dataclasses.dataclass
+class Parallelized:
+    """The parallel model and what the loop needs to treat it right.
 
-    Returns None on one process. Gradients are summed (not averaged) because the loop already
-    divides each rank's loss by the global token count.
+    ``grad_scale``: FSDP averages gradients over the data-parallel ranks; the loop divides each
+    rank's loss by the *global* token count, so it multiplies by the dp size to get a true sum.
     """
+
+    model: Any
+    runtime: Runtime
+    grad_scale: float
+    clip: Callable[[float], torch.Tensor]
+
+
+def parallelize_for_training(model: Any, cfg: ParallelSection, rt: Runtime) -> Parallelized:
+    """Returns the model parallelized per ``cfg`` over all ranks (unchanged on one process)."""
+
+    def plain_clip(max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
     if not rt.distributed:
-        return None
-    with torch.no_grad():
-        for p in model.parameters():
-            dist.broadcast(p.data, src=0)
-        for b in model.buffers():
-            dist.broadcast(b.data, src=0)
-    params = [p for p in model.parameters() if p.requires_grad]
+        return Parallelized(model, rt, 1.0, plain_clip)
+    from automodel.parallel import ParallelConfig, build_mesh, clip_grad_norm_, parallelize
 
-    def sync_grads() -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset : offset + n].view_as(g))
-            offset += n
+    config = ParallelConfig(**cfg.model_dump())
+    mesh = build_mesh(config, device_type=rt.device.type)
+    model = parallelize(model, config, mesh)
+    dp = mesh["dp_cp"]
+    runtime = dataclasses.replace(
+        rt, dp_rank=mesh["dp"].get_local_rank(), dp_size=mesh["dp"].size(), dp_group=dp.get_group()
+    )
 
-    return sync_grads
+    def clip(max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(list(model.parameters()), max_norm)
+
+    return Parallelized(model, runtime, float(dp.size()), clip)
 
 
 def describe(model: Any) -> str:
-    """Returns a one-line summary: total and trainable parameter counts."""
+    """Returns a one-line summary: total and trainable parameter counts (local shards)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)"

@@ -25,7 +25,6 @@ import torch
 
 from automodel.recipes.config import RecipeConfig
 from automodel.recipes.data import ShardedBatches
-from automodel.recipes.train._checkpoint import TrainingCheckpoints
 from automodel.recipes.train._metrics import MetricsLogger, format_duration
 from automodel.recipes.train._output import RunDir, RunError
 from automodel.recipes.train._runtime import Runtime, all_reduce_sum
@@ -87,20 +86,25 @@ def train(
     Raises:
         RunError: a non-finite loss or gradient with ``on_nonfinite=stop``.
     """
+    from automodel.ckpt import CheckpointManager
+
     t = cfg.training
-    ckpts = TrainingCheckpoints(run.checkpoints, rt, keep_last=cfg.checkpoint.keep_last)
+    ckpts = CheckpointManager(
+        run.checkpoints, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
+    )
     step = 0
     latest = ckpts.latest() if cfg.checkpoint.resume == "auto" else None
     if latest is not None:
-        extra = ckpts.load(latest, model, optimizer)
-        scheduler.load_state_dict(extra["scheduler"])
-        batches.load_state_dict(extra["data"])
-        step = int(extra["step"])
-        metrics.print(f"resumed from {run.checkpoints / f'step_{step}'} at step {step}")
+        # Model, optimizer, LR schedule, data position and every RNG: the loss curve continues
+        # exactly where it stopped.
+        extra = {"scheduler": scheduler, "data": batches}
+        step = ckpts.load(latest, model=model, optimizer=optimizer, extra=extra)
+        metrics.print(f"resumed from {ckpts.path(step)} at step {step}")
 
     def save(at: int) -> None:
-        extra = {"step": at, "scheduler": scheduler.state_dict(), "data": batches.state_dict()}
-        path = ckpts.save(at, model, optimizer, extra)
+        path = ckpts.save(
+            at, model=model, optimizer=optimizer, extra={"scheduler": scheduler, "data": batches}
+        )
         metrics.print(f"checkpoint saved: {path}")
 
     result = LoopResult(step=step)
@@ -209,7 +213,7 @@ def train(
             ckpt_due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
             if cfg.checkpoint.enabled and ckpt_due and step < t.max_steps:
                 save(step)
-            if flag.should_stop(rt.distributed, rt.device if rt.device.type == "cuda" else None):
+            if flag.should_stop(rt.distributed):
                 if cfg.checkpoint.enabled:
                     save(step)
                 metrics.print(f"received {flag.name}: checkpoint saved at step {step}; exiting")
@@ -218,6 +222,7 @@ def train(
         else:
             if cfg.checkpoint.enabled:
                 save(step)
+        ckpts.wait()
     finally:
         flag.uninstall()
         if metrics.bar is not None:

@@ -1,9 +1,10 @@
-"""The process's place in the run: device, rank, world size; distributed init from torchrun env."""
+"""The process's place in the run: device, rank, data-parallel group; init from torchrun's env."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -11,11 +12,19 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs: its device and its rank among ``world_size`` processes."""
+    """Where this process runs: its device, global rank, and its data-parallel coordinates.
+
+    ``dp_rank``/``dp_size`` pick this rank's data shard and ``dp_group`` sums token counts and
+    losses; they differ from ``rank``/``world_size`` under tensor or pipeline parallelism, where
+    several ranks share the same tokens.
+    """
 
     device: torch.device
     rank: int
     world_size: int
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -31,7 +40,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
     """Returns the Runtime, initializing the process group when launched by torchrun (WORLD_SIZE>1).
 
     ``device="auto"`` picks this rank's GPU when CUDA is available, else the CPU; the backend is
-    nccl on GPU and gloo on CPU.
+    nccl on GPU (gloo for CPU tensors) and gloo on CPU (``automodel.parallel.init_distributed``).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -48,8 +57,10 @@ def setup_runtime(device: str = "auto") -> Runtime:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local // 2))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(device=dev, rank=rank, world_size=world)
+        from automodel.parallel import init_distributed
+
+        init_distributed(backend=None if use_cuda else "gloo")
+    return Runtime(device=dev, rank=rank, world_size=world, dp_rank=rank, dp_size=world)
 
 
 def teardown_runtime() -> None:
@@ -59,7 +70,7 @@ def teardown_runtime() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Returns ``t`` summed over ranks (in place; a no-op on one process)."""
-    if rt.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    """Returns ``t`` summed over the data-parallel ranks (in place; a no-op on one process)."""
+    if rt.dp_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=rt.dp_group)
     return t
