@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,6 +25,8 @@ from automodel.core.peft import (
     save_adapter,
 )
 from harness.models import VOCAB_SIZE, build_tiny_model
+
+peft = pytest.importorskip("peft")  # a test-only dependency: automodel-core never imports it
 
 ATOL = 1e-6
 
