@@ -38,7 +38,9 @@ def _full_logits_reference(problem: dict, **options) -> tuple[torch.Tensor, ...]
     return (loss, count, *torch.autograd.grad(loss, params))
 
 
-def _chunked(problem: dict, chunk_size: int | None, **options) -> tuple[torch.Tensor, ...]:
+def _chunked(
+    problem: dict, chunk_size: int | None, backend: str = "torch", **options
+) -> tuple[torch.Tensor, ...]:
     hidden = problem["hidden"].clone().requires_grad_(True)
     weight = problem["weight"].clone().requires_grad_(True)
     params = [hidden, weight]
@@ -52,7 +54,7 @@ def _chunked(problem: dict, chunk_size: int | None, **options) -> tuple[torch.Te
         problem["labels"],
         bias=bias,
         chunk_size=chunk_size,
-        backend="torch",
+        backend=backend,
         **options,
     )
     # A non-unit upstream gradient checks that backward scales the stored gradients.
@@ -169,3 +171,56 @@ def test_vocab_sharded_dtensor_weight_on_two_ranks() -> None:
             torch.testing.assert_close(result["loss_sp"], ref[0], rtol=1e-6, atol=1e-6)
             for key, want in zip(("grad_hidden", "grad_weight", "grad_bias"), ref[2:]):
                 torch.testing.assert_close(result[key], want, rtol=1e-6, atol=1e-6)
+
+
+def _triton_linear_ce_worker(rank: int, world_size: int) -> list:
+    """The Triton chunk kernels against the full-logits reference, in a TRITON_INTERPRET=1 process."""
+    pairs = []
+    for options in (OPTIONS[0], OPTIONS[-1]):
+        problem = _problem(4, bias=bool(options))
+        ref = _full_logits_reference(problem, **options)
+        out = _chunked(problem, 10, backend="triton", **options)
+        names = ("loss", "count", "dhidden", "dweight", "dbias")
+        pairs += [(f"{options} {n}", g.detach(), r.detach()) for n, g, r in zip(names, out, ref)]
+    return pairs
+
+
+@pytest.mark.slow
+def test_triton_chunked_matches_full_logits(triton_interpreter, assert_pairs_close) -> None:
+    assert_pairs_close(triton_interpreter(_triton_linear_ce_worker), rtol=1e-5, atol=1e-6)
+
+
+def test_second_backward_through_the_same_graph_is_refused() -> None:
+    problem = _problem(5)
+    hidden = problem["hidden"].clone().requires_grad_(True)
+    loss, _ = linear_cross_entropy(hidden, problem["weight"], problem["labels"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss_weight": 1e-4}])
+def test_gpu_linear_cross_entropy_bf16(assert_rel_close, options: dict) -> None:
+    tokens, hidden_size, vocab = 4096, 2048, 128256
+    hidden = torch.randn(tokens, hidden_size, device="cuda")
+    weight = torch.randn(vocab, hidden_size, device="cuda") / hidden_size**0.5
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    labels[:100] = -100
+    h32, w32 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref, ref_count = cross_entropy(h32 @ w32.T, labels, backend="torch", **options)
+    ref_grads = torch.autograd.grad(ref, (h32, w32))
+    del h32, w32
+    h16, w16 = hidden.bfloat16().requires_grad_(True), weight.bfloat16().requires_grad_(True)
+    out, count = linear_cross_entropy(h16, w16, labels, **options)  # auto: Triton on CUDA
+    grads = torch.autograd.grad(out, (h16, w16))
+    assert torch.equal(count, ref_count)
+    assert_rel_close(out, ref, 1e-2, "loss")
+    for name, got, want in zip(("dhidden", "dweight"), grads, ref_grads):
+        assert_rel_close(got, want, 1e-2, name)
+    h32, w32 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out32, _ = linear_cross_entropy(h32, w32, labels, backend="triton", **options)
+    grads32 = torch.autograd.grad(out32, (h32, w32))
+    assert_rel_close(out32, ref, 1e-5, "fp32 loss")
+    for name, got, want in zip(("fp32 dhidden", "fp32 dweight"), grads32, ref_grads):
+        assert_rel_close(got, want, 1e-4, name)

@@ -148,3 +148,54 @@ def test_rope_rejects_bad_inputs() -> None:
     cos = torch.ones(1, 4, 8)
     with pytest.raises(ValueError, match="apply_rotary: expected q"):
         apply_rotary(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), cos, cos)
+
+
+def _triton_rope_worker(rank: int, world_size: int) -> list:
+    """Both backends on the same inputs, in a TRITON_INTERPRET=1 process."""
+    pairs = []
+    for partial in (1.0, 0.5):
+        torch.manual_seed(4)
+        inv_freq, scaling = rope_init(ROPE_PARAMETERS["yarn"], 16, partial_rotary_factor=partial)
+        position_ids = torch.randint(0, 300, (2, 5))
+        cos, sin = rope_cos_sin(inv_freq, position_ids, attention_scaling=scaling)
+        # q in the [B, S, H, D] storage HF attention produces, viewed as [B, H, S, D]; 3 heads
+        # (not a power of two) for q, 1 for k; cos/sin also broadcast from batch 1.
+        q = torch.randn(2, 5, 3, 16).transpose(1, 2).requires_grad_(True)
+        k = torch.randn(2, 1, 5, 16).requires_grad_(True)
+        upstream = (torch.randn(2, 3, 5, 16), torch.randn(2, 1, 5, 16))
+        for tag, tables in (("", (cos, sin)), (" batch-1 tables", (cos[:1], sin[:1]))):
+            ref = apply_rotary(q, k, *tables, backend="torch")
+            out = apply_rotary(q, k, *tables, backend="triton")
+            ref_grads = torch.autograd.grad(ref, (q, k), upstream)
+            grads = torch.autograd.grad(out, (q, k), upstream)
+            names = ("q", "k", "dq", "dk")
+            for name, got, want in zip(names, out + grads, ref + ref_grads):
+                pairs.append((f"partial={partial}{tag} {name}", got.detach(), want.detach()))
+    return pairs
+
+
+@pytest.mark.slow
+def test_triton_apply_rotary_matches_reference(triton_interpreter, assert_pairs_close) -> None:
+    assert_pairs_close(triton_interpreter(_triton_rope_worker), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_apply_rotary_bf16(assert_rel_close) -> None:
+    batch, seq, n_q, n_k, head_dim = 2, 4096, 32, 8, 128
+    inv_freq, scaling = rope_init(ROPE_PARAMETERS["llama3"], head_dim, device="cuda")
+    position_ids = torch.arange(seq, device="cuda")[None].expand(batch, -1)
+    cos, sin = rope_cos_sin(inv_freq, position_ids, attention_scaling=scaling)
+    q = torch.randn(batch, seq, n_q, head_dim, device="cuda").transpose(1, 2)
+    k = torch.randn(batch, seq, n_k, head_dim, device="cuda").transpose(1, 2)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    q32, k32 = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    ref = apply_rotary(q32, k32, cos, sin, backend="torch")
+    ref_grads = torch.autograd.grad(ref, (q32, k32), (dq, dk))
+    q16, k16 = q.bfloat16().requires_grad_(True), k.bfloat16().requires_grad_(True)
+    out = apply_rotary(q16, k16, cos.bfloat16(), sin.bfloat16())
+    grads = torch.autograd.grad(out, (q16, k16), (dq.bfloat16(), dk.bfloat16()))
+    for name, got, want in zip(("q", "k", "dq", "dk"), out + grads, ref + ref_grads):
+        assert_rel_close(got, want, 1e-2, name)
+    out32 = apply_rotary(q, k, cos, sin, backend="triton")
+    for got, want in zip(out32, ref):
+        assert_rel_close(got, want, 1e-5, "fp32")

@@ -147,16 +147,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / count.clamp(min=1) if opts["mean"] else torch.ones((), device=labels.device)
 
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        )
+        # In the weight's dtype, like Liger: an fp32 accumulator would cost twice a bf16 weight.
+        grad_w = torch.zeros_like(weight) if want_w else None
         grad_b = (
             torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
             if want_b
             else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        chunk_loss = _chunk_loss_triton if opts["triton"] else ce_loss_and_grad
+        chunk_loss = _chunk_loss_triton if opts["triton"] else _chunk_loss_torch
         for start in range(0, hidden.shape[0], opts["chunk_size"]):
             h = hidden[start : start + opts["chunk_size"]]
             logits = h @ weight.T
@@ -165,6 +164,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             loss, dlogits = chunk_loss(
                 logits,
                 labels[start : start + opts["chunk_size"]],
+                scale=scale,
                 ignore_index=opts["ignore_index"],
                 label_smoothing=opts["label_smoothing"],
                 z_loss_weight=opts["z_loss_weight"],
@@ -178,18 +178,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += loss.sum()
             if dlogits is None:
                 continue
-            dlogits = dlogits.mul_(scale).to(hidden.dtype)
             if grad_h is not None:
                 torch.matmul(dlogits, weight, out=grad_h[start : start + opts["chunk_size"]])
             if grad_w is not None:
-                grad_w.add_(dlogits.T @ h)
+                # addmm accumulates in fp32 inside cuBLAS and rounds once per chunk.
+                grad_w.addmm_(dlogits.T, h)
             if grad_b is not None:
-                grad_b.add_(dlogits.sum(dim=0))
+                grad_b.add_(dlogits.sum(dim=0, dtype=torch.float32))
         if grad_h is not None and group is not None:
             # Each rank holds the contribution of its vocab slice.
             dist.all_reduce(grad_h, group=group)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.backward_done = False
         ctx.mark_non_differentiable(count)
         return total * scale, count
 
@@ -197,20 +198,41 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_loss: torch.Tensor, _grad_count: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
+        if ctx.backward_done:
+            raise RuntimeError(
+                "linear_cross_entropy: backward ran twice through the same graph; its gradients "
+                "are computed in forward and scaled in place, so run the forward again instead "
+                "of retain_graph=True"
+            )
+        ctx.backward_done = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.param_dtypes
-        out_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        out_w = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
-        out_b = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None
+        # In place: the buffers were made for this call, and copies would double the peak memory.
+        if grad_h is not None:
+            grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_loss.to(grad_w.dtype))
+        if grad_b is not None:
+            grad_b = (grad_b * grad_loss).to(ctx.bias_dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _chunk_loss_torch(
+    logits: torch.Tensor, labels: torch.Tensor, *, scale: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns the chunk's per-token losses and ``scale * d loss / d logits`` in logits' dtype."""
+    loss, grad = ce_loss_and_grad(logits, labels, **kwargs)
+    if grad is None:
+        return loss, None
+    return loss, grad.mul_(scale).to(logits.dtype)
 
 
 def _chunk_loss_triton(
-    logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any
+    logits: torch.Tensor, labels: torch.Tensor, *, scale: torch.Tensor, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """As ``_chunk_loss_torch``, from the Triton kernels, the gradient written over ``logits``."""
     from automodel.kernels._triton.cross_entropy import ce_loss_and_grad_triton
 
-    return ce_loss_and_grad_triton(logits, labels, **kwargs)
+    return ce_loss_and_grad_triton(logits, labels, scale=scale, **kwargs)
 
 
 def _default_chunk_size(n_tokens: int, vocab_local: int) -> int:

@@ -1,0 +1,88 @@
+"""Triton SwiGLU / GeGLU: the activation and the product in one pass, forward and backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+# Activation codes for the ACT constexpr.
+_SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """Returns (act(g), act'(g)) in fp32."""
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        return g * sig, sig * (1.0 + g * (1.0 - sig))
+    elif ACT == 1:
+        inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner)
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * g * g)
+        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+        return g * cdf, cdf + g * _INV_SQRT_2PI * tl.exp(-0.5 * g * g)
+
+
+@triton.jit
+def _gated_fwd_kernel(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    act, _ = _act_and_grad(g, ACT)
+    tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_bwd_kernel(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    act, d_act = _act_and_grad(g, ACT)
+    tl.store(DG + offs, (dy * u * d_act).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, (dy * act).to(DU.dtype.element_ty), mask=mask)
+
+
+class _Gated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:  # type: ignore[override]
+        gate, up = gate.contiguous(), up.contiguous()
+        out = torch.empty_like(gate)
+        n = gate.numel()
+        _gated_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, ACT=act, BLOCK=_BLOCK)
+        ctx.save_for_backward(gate, up)
+        ctx.act = act
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        dy = dy.contiguous()
+        d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        _gated_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+            dy, gate, up, d_gate, d_up, n, ACT=ctx.act, BLOCK=_BLOCK
+        )
+        return d_gate, d_up, None
+
+
+def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Returns ``silu(gate) * up`` from one Triton pass."""
+    return _Gated.apply(gate, up, _SILU)
+
+
+def geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
+    """Returns ``gelu(gate, approximate) * up`` from one Triton pass."""
+    return _Gated.apply(gate, up, _GELU_TANH if approximate == "tanh" else _GELU_ERF)

@@ -1,0 +1,243 @@
+"""Triton RMSNorm and residual-add + RMSNorm, forward and backward (weight grad reduced per program)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from automodel.kernels._triton.launch import persistent_programs, row_block, warps_for
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X,
+    R,
+    W,
+    Y,
+    S,
+    RSTD,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    n_cols,
+    eps,
+    offset,
+    HAS_RESIDUAL: tl.constexpr,
+    GEMMA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        # Round the sum to the storage dtype first: it is the residual stream callers keep.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + row * stride_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    tl.store(RSTD + row, rstd)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    h = xf * rstd
+    if GEMMA:
+        y = h * (offset + w)
+    else:
+        # Llama casts the normalized input to its dtype before the weight multiply.
+        y = h.to(x.dtype).to(tl.float32) * w
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DS,
+    DW_PARTIAL,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    stride_ds,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    offset,
+    HAS_DS: tl.constexpr,
+    GEMMA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + offset
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    # int64 row indices: rows * stride can pass 2**31 elements.
+    start = pid.to(tl.int64) * rows_per_program
+    end = tl.minimum(start + rows_per_program, n_rows)
+    for row64 in range(start, end):
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0)
+        rstd = tl.load(RSTD + row64)
+        h = x.to(tl.float32) * rstd
+        if GEMMA:
+            dw += dy * h
+        else:
+            dw += dy * h.to(x.dtype).to(tl.float32)
+        g = dy * w
+        dx = rstd * (g - h * (tl.sum(g * h, axis=0) / n_cols))
+        if HAS_DS:
+            dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """Returns ``t`` as a 2-D [rows, hidden] view with a unit last stride (copying only if needed)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    x2 = _as_rows(x)
+    n_rows, n_cols = x2.shape
+    out_dtype = x.dtype if offset != 0.0 else torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    r2 = _as_rows(residual) if residual is not None else x2
+    summed = torch.empty_like(x2) if residual is not None else x2
+    block = row_block(n_cols)
+    _rms_norm_fwd_kernel[(n_rows,)](
+        x2,
+        r2,
+        weight,
+        y,
+        summed,
+        rstd,
+        x2.stride(0),
+        r2.stride(0),
+        y.stride(0),
+        summed.stride(0),
+        n_cols,
+        eps,
+        offset,
+        HAS_RESIDUAL=residual is not None,
+        GEMMA=offset != 0.0,
+        BLOCK=block,
+        num_warps=warps_for(block),
+    )
+    return y, (summed if residual is not None else None), rstd
+
+
+def _backward(
+    dy: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    offset: float,
+    d_summed: torch.Tensor | None,
+    need_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n_rows, n_cols = x2.shape
+    dy2 = _as_rows(dy)
+    dx = torch.empty_like(x2)
+    ds2 = _as_rows(d_summed) if d_summed is not None else dy2
+    programs = persistent_programs(x2.device, n_rows)
+    rows_per_program = triton.cdiv(n_rows, programs)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+    block = row_block(n_cols)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy2,
+        x2,
+        weight,
+        rstd,
+        dx,
+        ds2,
+        dw_partial,
+        dy2.stride(0),
+        x2.stride(0),
+        dx.stride(0),
+        ds2.stride(0),
+        n_rows,
+        n_cols,
+        rows_per_program,
+        offset,
+        HAS_DS=d_summed is not None,
+        GEMMA=offset != 0.0,
+        BLOCK=block,
+        num_warps=warps_for(block),
+    )
+    dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None
+    return dx, dw
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
+    ) -> torch.Tensor:
+        y, _, rstd = _forward(x, None, weight, eps, offset)
+        ctx.save_for_backward(_as_rows(x), weight, rstd)
+        ctx.offset = offset
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, x2, weight, rstd, ctx.offset, None, ctx.needs_input_grad[1])
+        return dx.view(dy.shape), dw, None, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        offset: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y, summed, rstd = _forward(x, residual, weight, eps, offset)
+        assert summed is not None
+        ctx.save_for_backward(summed, weight, rstd)
+        ctx.offset = offset
+        return y.view(x.shape), summed.view(x.shape)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: torch.Tensor, d_summed: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        summed, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, summed, weight, rstd, ctx.offset, d_summed, ctx.needs_input_grad[2])
+        dx = dx.view(dy.shape)
+        # x + residual: both inputs receive the same gradient.
+        return dx, dx, dw, None, None
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
+) -> torch.Tensor:
+    """Returns the Triton RMSNorm of ``x`` (same contract as ``automodel.kernels.rms_norm``)."""
+    return _RMSNorm.apply(x, weight, eps, offset)
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(rms_norm(x + residual), x + residual)`` from one Triton pass."""
+    return _AddRMSNorm.apply(x, residual, weight, eps, offset)
