@@ -10,8 +10,10 @@ from automodel.core.auto import (
     AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
 )
+from automodel.core.flops import flops_per_token, matmul_params_per_token
 from automodel.core.models.registry import optimized_model_types
 from automodel.core.patching import PatchReport, patch_model
+from automodel.core.peft import LoraConfig
 
 __version__ = "0.1.0"
 
@@ -20,8 +22,11 @@ __all__ = [
     "AutoModelForCausalLM",
     "AutoModelForImageTextToText",
     "AutoModelForSequenceClassification",
+    "LoraConfig",
     "PatchReport",
     "__version__",
+    "flops_per_token",
+    "matmul_params_per_token",
     "optimized_model_types",
     "patch_model",
 ]
