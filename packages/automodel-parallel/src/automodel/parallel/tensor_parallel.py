@@ -11,7 +11,9 @@ block, not at the embedding: Hugging Face models build the causal mask, position
 tables from the embedding output's length, so they must see the global sequence.
 
 q/k norms (Qwen3, Gemma 3) act on ``head_dim`` of the local heads: their weights stay replicated
-and their gradients are summed over tp (they are declared sharded on the heads dim). MoE blocks
+and their gradients are summed over tp (they are declared sharded on the heads dim). Norms return
+plain tensors, so residual adds next to them (Gemma's post-norms) never mix Tensor and DTensor.
+MoE blocks
 (router and fused 3D experts) stay replicated under tp; shard experts with ``ep`` instead.
 """
 
@@ -217,14 +219,14 @@ def tensor_parallel_plan(
                     output_to=Shard(1),
                 )
             elif sequence_parallel and _is_norm(module) and not _inside_attention(block, name):
-                plan[fqn] = SequenceParallel()
+                plan[fqn] = SequenceParallel(use_local_output=True)
     embedding, head = _embedding_and_head(model, in_blocks)
     if embedding is not None:
         plan[embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if sequence_parallel:
         for fqn, module in model.named_modules():
             if _is_norm(module) and not any(fqn.startswith(b + ".") for b in in_blocks):
-                plan[fqn] = SequenceParallel()
+                plan[fqn] = SequenceParallel(use_local_output=True)
     if head is not None:
         plan[head] = ColwiseParallel(
             input_layouts=seq,
