@@ -202,11 +202,13 @@ def context_parallel(
 
 def _cp_submesh(mesh: DeviceMesh) -> DeviceMesh:
     """Returns the 1D ``cp`` mesh of ``mesh``."""
-    names = mesh.mesh_dim_names or ()
-    if "cp" in names:
+    # Flattened dims (build_mesh's "ep", "dp"...) are not in mesh_dim_names but index fine.
+    try:
         return mesh["cp"]
-    if mesh.ndim == 1:
-        return mesh
+    except KeyError:
+        if mesh.ndim == 1:
+            return mesh
+    names = mesh.mesh_dim_names or ()
     raise ValueError(
         f"context_parallel needs a mesh with a 'cp' dim or a 1D mesh; got dims {names}. "
         "Fix: build the mesh with build_mesh(config) or pass mesh['cp']."

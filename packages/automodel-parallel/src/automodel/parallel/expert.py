@@ -110,11 +110,13 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
 def _ep_submesh(mesh: DeviceMesh) -> DeviceMesh:
     """Returns the 1D ``ep`` mesh of ``mesh``."""
-    names = mesh.mesh_dim_names or ()
-    if "ep" in names:
+    # Flattened dims (build_mesh's "ep", "dp"...) are not in mesh_dim_names but index fine.
+    try:
         return mesh["ep"]
-    if mesh.ndim == 1:
-        return mesh
+    except KeyError:
+        if mesh.ndim == 1:
+            return mesh
+    names = mesh.mesh_dim_names or ()
     raise ValueError(
         f"apply_expert_parallel needs a mesh with an 'ep' dim or a 1D mesh; got dims {names}. "
         "Fix: build the mesh with mesh_dim_names containing 'ep', or pass mesh['ep']."
