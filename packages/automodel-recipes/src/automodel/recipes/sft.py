@@ -4,128 +4,23 @@
     automodel run examples/llama3_2_1b_sft.yaml training.max_steps=200
     automodel run examples/qwen3_8b_lora.yaml --nproc-per-node 8
 
-Reads top to bottom: runtime -> run folder -> tokenizer and data -> model (+LoRA, parallel) ->
-optimizer and schedule -> the loop -> final HF folder (or adapter) -> a sample reply -> its path.
+Loss: cross-entropy on assistant tokens only (masks from the chat template), divided by the
+number of such tokens in the global batch. The run ends with ``output_dir/model`` (or
+``output_dir/adapter`` with a ``peft`` section) and prints its path last.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from automodel.recipes._components import build_loss, build_optimizer, lm_inputs
-from automodel.recipes._model_io import _load_model, load_tokenizer, sample, save_final
-from automodel.recipes._peft import apply_lora
-from automodel.recipes.config import RecipeConfig
-from automodel.recipes.data import IGNORE_INDEX, ShardedBatches, build_examples, collate
-from automodel.recipes.train import (
-    MetricsLogger,
-    RunDir,
-    StepFunctions,
-    build_scheduler,
-    setup_runtime,
-    teardown_runtime,
-    train,
-)
-from automodel.recipes.train._data_parallel import describe, parallelize_for_training
+from automodel.recipes._lm_training import run_causal_lm
+from automodel.recipes.config import ConfigError, RecipeConfig
 
 
 def run(cfg: RecipeConfig) -> Path:
-    """Runs SFT (or pretraining: same loop, text data) and returns the final output folder."""
-    t = cfg.training
-    rt = setup_runtime(t.device)
-    out = RunDir(t.output_dir)
-    out.check(cfg)
-    if rt.distributed:
-        dist.barrier()
-    if rt.is_main:
-        out.prepare(cfg)
-    metrics = MetricsLogger(
-        cfg.logging, out.root, enabled=rt.is_main, config=cfg.model_dump(mode="json")
-    )
-    torch.manual_seed(t.seed)
-
-    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    assert cfg.data.train is not None
-    examples = build_examples(cfg.data, cfg.data.train, tokenizer, log=metrics.print)
-    val_examples = (
-        build_examples(cfg.data, cfg.data.validation, tokenizer, log=metrics.print)
-        if cfg.data.validation is not None
-        else None
-    )
-
-    model = _load_model(cfg.model).to(rt.device)
-    if cfg.peft is not None:
-        model = apply_lora(model, cfg.peft)
-    par = parallelize_for_training(model, cfg.parallel, rt)
-    model, rt = par.model, par.runtime
-    if t.compile:
-        model.compile()
-    metrics.print(
-        f"model {cfg.model.name_or_path}: {describe(model)} on {rt.device} x{rt.world_size}"
-    )
-
-    optimizer = build_optimizer(cfg, model, rt.device)
-    scheduler = build_scheduler(optimizer, t.max_steps, cfg.lr_scheduler)
-    loss_fn = build_loss(cfg)
-
-    def collate_fn(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate(rows, tokenizer.pad_token_id)
-
-    batches = ShardedBatches(
-        examples, t.micro_batch_size, collate_fn, rank=rt.dp_rank, world_size=rt.dp_size,
-        seed=t.seed, shuffle=cfg.data.shuffle,
-    )  # fmt: skip
-    val = (
-        ShardedBatches(
-            val_examples,
-            t.micro_batch_size,
-            collate_fn,
-            rank=rt.dp_rank,
-            world_size=rt.dp_size,
-            shuffle=False,
+    """Runs SFT per ``cfg``; returns the saved model (or adapter) folder."""
+    if cfg.data.format not in ("chat", "instruction") and cfg.data.dataset is None:
+        raise ConfigError(
+            f"data.format={cfg.data.format!r}: SFT reads 'chat' or 'instruction' data"
         )
-        if val_examples
-        else None
-    )
-
-    def loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_fn(model(**lm_inputs(batch)).logits, batch["labels"])
-
-    fns = StepFunctions(
-        loss=loss,
-        count=lambda b: (b["labels"] != IGNORE_INDEX).sum(),
-        tokens=lambda b: (
-            b["attention_mask"].sum()
-            if "attention_mask" in b
-            else b["input_ids"].new_tensor(b["input_ids"].numel())
-        ),
-        clip=par.clip,
-        grad_scale=par.grad_scale,
-    )
-    result = train(
-        cfg, rt, model, optimizer, scheduler, batches, fns, out, metrics, val_batches=val
-    )
-
-    final = out.checkpoints / f"step_{result.step}"
-    if not result.preempted:
-        final = out.root / ("adapter" if cfg.peft else "model")
-        save_final(
-            model, tokenizer, final, adapter=cfg.peft is not None, distributed=rt.distributed
-        )
-    if not result.preempted and rt.is_main:
-        out.mark_finished(result.step, final)
-        metrics.print(f"saved {'adapter' if cfg.peft else 'model'}: {final}")
-        if t.sample_prompt:
-            reply = sample(
-                final, t.sample_prompt, t.sample_max_new_tokens, adapter=cfg.peft is not None
-            )
-            metrics.print(f"sample: {t.sample_prompt!r} -> {reply!r}")
-    metrics.close()
-    if rt.distributed:
-        dist.barrier()
-    teardown_runtime()
-    return final
+    return run_causal_lm(cfg)
