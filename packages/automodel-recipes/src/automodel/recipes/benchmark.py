@@ -35,6 +35,8 @@ def run(cfg: RecipeConfig) -> Path:
     fpt = flops_per_token(model, b.seq_len)  # before sharding: counts full matrices
     par = parallelize_for_training(model, cfg.parallel, rt)
     model, rt = par.model, par.runtime
+    if t.compile:
+        model.compile()
     optimizer = build_optimizer(cfg, model, rt.device)
     scheduler = build_scheduler(optimizer, t.max_steps, cfg.lr_scheduler)
     peak = peak_flops(rt.device, b.peak_tflops)
