@@ -224,3 +224,20 @@ def test_load_adapter_rejects_an_adapter_of_another_shape(tmp_path):
         load_adapter(other, tmp_path)
     with pytest.raises(ValueError, match=r"adapter_config\.json not found"):
         load_adapter(build_tiny_model("llama"), Path(tmp_path) / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_adapter_of_automodel_optimized_model_loads_in_peft(name, tiny_model_dir, tmp_path):
+    """``AutoModelForCausalLM.from_pretrained(..., peft=)`` keeps HF module names: peft loads it."""
+    from automodel.core import AutoModelForCausalLM as OptimizedAutoModel
+
+    base_dir = tiny_model_dir(name)
+    torch.manual_seed(0)
+    model = OptimizedAutoModel.from_pretrained(base_dir, peft=LoraConfig(rank=4, init="random"))
+    assert len(adapter_modules(model)) == 7 * model.config.num_hidden_layers
+    save_adapter(model, tmp_path)
+    reference = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), tmp_path
+    )
+    batch = _batches(1, seed=2)[0]
+    torch.testing.assert_close(_logits(model, batch), _logits(reference, batch), atol=1e-5, rtol=0)
