@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from automodel.parallel import ParallelConfig
+from automodel.parallel import ParallelConfig, build_mesh, parallelize
 from automodel.parallel.pipeline import (
     balanced_split,
     find_decoder_layout,
@@ -146,19 +145,17 @@ def test_pipeline_schedules_equal_single_process() -> None:
 
 
 def _pp_fsdp_matches_single_process(rank: int, world_size: int) -> list[float]:
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp_shard"))
-    dp_mesh = mesh["dp_shard"]
-
-    def shard(stage: torch.nn.Module) -> torch.nn.Module:
-        for block in stage.model.layers.values():
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(stage, mesh=dp_mesh)
-        return stage
+    """PP=2 x FSDP=2: each stage goes through ``parallelize`` (FSDP2 per block and root)."""
+    config = ParallelConfig(pp=2, dp_shard=2, pp_schedule="1f1b", pp_microbatches=2)
+    mesh = build_mesh(config, device_type="cpu")
+    dp_mesh = mesh["dp"]
 
     reference = _model("llama", 4, tied=False)
     model = copy.deepcopy(reference)
-    config = ParallelConfig(pp=2, dp_shard=2, pp_schedule="1f1b", pp_microbatches=2)
-    stages, schedule = pipeline(model, config, mesh, parallelize_fn=shard)
+    stages, schedule = pipeline(
+        model, config, mesh, parallelize_fn=lambda stage: parallelize(stage, config, mesh)
+    )
+    assert all(isinstance(p, DTensor) for s in stages for p in s.parameters())
     input_ids, labels = _batch(4, 10, mask_some=False)  # equal label counts per data-parallel rank
     dp_rank = dp_mesh.get_local_rank()
     local_ids, local_labels = input_ids.chunk(2)[dp_rank], labels.chunk(2)[dp_rank]
