@@ -20,17 +20,22 @@ _SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
 @triton.jit
 def _act_and_grad(g, ACT: tl.constexpr):
     """Returns (act(g), act'(g)) in fp32."""
+    # One return at the end: Triton's compiler rejects returns inside constexpr branches.
     if ACT == 0:
         sig = tl.sigmoid(g)
-        return g * sig, sig * (1.0 + g * (1.0 - sig))
+        act = g * sig
+        d_act = sig * (1.0 + g * (1.0 - sig))
     elif ACT == 1:
         inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
         t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner)
         d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * g * g)
-        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner
+        act = 0.5 * g * (1.0 + t)
+        d_act = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
-        return g * cdf, cdf + g * _INV_SQRT_2PI * tl.exp(-0.5 * g * g)
+        act = g * cdf
+        d_act = cdf + g * _INV_SQRT_2PI * tl.exp(-0.5 * g * g)
+    return act, d_act
 
 
 @triton.jit
