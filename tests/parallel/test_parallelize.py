@@ -117,7 +117,7 @@ def test_llama_strategies_match_single_process() -> None:
     assert [h["tokens"] for h in helpers] == [4.0, 6.0, 4.0, 6.0]
     assert helpers[0]["mean"] == pytest.approx((10 + 30) / (1 + 3))
     assert (
-        "config.dp_shard=4" in helpers[0]["mismatch"]
+        "mesh dim 'tp' has size 2 but config.tp=1" in helpers[0]["mismatch"]
         and "build_mesh(config)" in helpers[0]["mismatch"]
     )
 
