@@ -16,15 +16,16 @@ def _compiled_flex() -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import flex_attention
 
     # FlexAttention is only fast (and only memory-light) when compiled: the eager version
-    # materializes the full score matrix.
-    return torch.compile(flex_attention, dynamic=False)
+    # materializes the full score matrix. Default dynamic-shape handling: a second sequence length
+    # compiles one dynamic graph instead of recompiling per length (and hitting the recompile limit).
+    return torch.compile(flex_attention)
 
 
 @functools.cache
 def _compiled_create_block_mask() -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask, dynamic=False)
+    return torch.compile(create_block_mask)
 
 
 class _BlockMaskCache:
@@ -106,7 +107,13 @@ def flex_attention(
     Compiled on CUDA. On CPU it runs uncompiled and forward-only (torch has no CPU backward for it).
     The block mask is cached across calls that share the same mask tensors (all layers of a step).
     """
-    block_mask = _CACHE.get(spec, q.shape[0], q.device) if spec.needs_mask else None
+    block_mask = None
+    if spec.needs_mask:
+        if torch.compiler.is_compiling():
+            # Inside a compiled model the mask is built in the graph; the cache is Python state.
+            block_mask = _create_block_mask(spec, q.shape[0], q.device)
+        else:
+            block_mask = _CACHE.get(spec, q.shape[0], q.device)
     score_mod = None
     if softcap is not None:
         cap = float(softcap)

@@ -126,6 +126,9 @@ class _PaddingCache:
 
         The last columns: a sliding-window cache keeps only the most recent keys.
         """
+        if torch.compiler.is_compiling():
+            # No host sync and no Python-side cache inside a compiled graph: always a mask.
+            return mask[:, -kv_len:].bool()
         key = (mask, mask._version, kv_len)
         if self._key is None or self._key[0] is not mask or self._key[1:] != key[1:]:
             if mask.shape[1] < kv_len:
