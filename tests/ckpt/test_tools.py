@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 import pytest
 import torch
 import transformers
+from ckpt._damage import corrupt_copies
 
 from automodel.ckpt import (
     CheckpointError,
@@ -102,43 +102,9 @@ def test_per_rank_sharded_safetensors_merge(tmp_path):
     assert diff(merged, save(state, tmp_path / "ref")).equal
 
 
-def _corrupt_copies(src, tmp_path):
-    """Returns name -> (folder, expected message) for each kind of damage."""
-    cases = {}
-
-    def copy(name):
-        dst = tmp_path / name
-        shutil.copytree(src, dst)
-        return dst
-
-    shards = sorted(p.name for p in src.glob("model-*.safetensors"))
-    d = copy("truncated")
-    with open(d / shards[1], "r+b") as f:
-        f.truncate(os.path.getsize(d / shards[1]) - 10)
-    cases["truncated"] = (d, "truncated")
-    d = copy("bad_header")
-    with open(d / shards[0], "r+b") as f:
-        f.seek(8)
-        f.write(b"#garbage")
-    cases["bad_header"] = (d, "corrupt safetensors header")
-    d = copy("header_length")
-    with open(d / shards[0], "r+b") as f:
-        f.write((10**12).to_bytes(8, "little"))
-    cases["header_length"] = (d, "corrupt or truncated safetensors header")
-    d = copy("missing_file")
-    (d / shards[-1]).unlink()
-    cases["missing_file"] = (d, "names file\\(s\\) that do not exist")
-    d = copy("missing_tensor")
-    index = json.loads((d / "model.safetensors.index.json").read_text())
-    index["weight_map"]["model.ghost.weight"] = shards[0]
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    cases["missing_tensor"] = (d, "'model.ghost.weight'")
-    return cases
-
-
 def test_corruption_caught_by_verify_and_load(tmp_path, tiny_model_dir):
     src = tiny_model_dir("llama", max_shard_size="30KB")
-    for name, (folder, message) in _corrupt_copies(src, tmp_path).items():
+    for name, (folder, message) in corrupt_copies(src, tmp_path).items():
         report = verify(folder)
         assert not report.ok, name
         assert any(re.search(message, p) for p in report.problems), (name, report)

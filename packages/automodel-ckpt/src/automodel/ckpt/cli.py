@@ -92,6 +92,9 @@ def main() -> None:
 @_one_line_errors
 def inspect_command(path: str, as_json: bool) -> None:
     """Show a checkpoint's format, files, tensors and parameter count."""
+    from automodel.ckpt._format_detection import detect_format
+
+    detect_format(Path(path))
     from automodel.ckpt.inspection import inspect
 
     info = inspect(path)
@@ -113,10 +116,11 @@ def verify_command(path: str, as_json: bool) -> None:
 
     Exits 0 when the checkpoint is sound, 1 when problems were found.
     """
-    from automodel.ckpt._sources import detect_format
-    from automodel.ckpt.verification import verify
+    from automodel.ckpt._format_detection import detect_format
 
     detect_format(Path(path))  # a missing path or a non-checkpoint is bad input (exit 2)
+    from automodel.ckpt.verification import verify
+
     try:
         total = _total_bytes(path)
     except ValueError:
@@ -135,6 +139,12 @@ def verify_command(path: str, as_json: bool) -> None:
 
 
 def _rewrite(kind: str, src: str, dst: str, as_json: bool, **kwargs: Any) -> None:
+    from automodel.ckpt._destination import check_destination
+    from automodel.ckpt._format_detection import detect_format
+
+    # Path mistakes are caught before torch is imported; free space is checked again with sizes.
+    detect_format(Path(src))
+    check_destination(Path(src), Path(dst), overwrite=kwargs["overwrite"], needed_bytes=0)
     from automodel.ckpt import rewrite
 
     with _progress(_total_bytes(src), kind, not as_json) as progress:
@@ -260,6 +270,10 @@ def diff_command(a: str, b: str, atol: float, rtol: float, as_json: bool) -> Non
 
     Exits 0 when they are equal within tolerance, 1 when they differ.
     """
+    from automodel.ckpt._format_detection import detect_format
+
+    detect_format(Path(a))
+    detect_format(Path(b))
     from automodel.ckpt.comparison import diff
 
     total = _total_bytes(a) + _total_bytes(b)
