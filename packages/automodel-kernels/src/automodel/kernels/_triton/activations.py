@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 
 _BLOCK = 1024
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Constants inside the kernels are literals: compiled Triton (3.2+) rejects plain module globals.
+# 0.7978845608028654 = sqrt(2 / pi), 0.7071067811865476 = 1 / sqrt(2),
+# 0.3989422804014327 = 1 / sqrt(2 pi).
 
 # Activation codes for the ACT constexpr.
 _SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
@@ -26,15 +26,15 @@ def _act_and_grad(g, ACT: tl.constexpr):
         act = g * sig
         d_act = sig * (1.0 + g * (1.0 - sig))
     elif ACT == 1:
-        inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner)
-        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * g * g)
+        d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
         act = 0.5 * g * (1.0 + t)
         d_act = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner
     else:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         act = g * cdf
-        d_act = cdf + g * _INV_SQRT_2PI * tl.exp(-0.5 * g * g)
+        d_act = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
     return act, d_act
 
 
