@@ -15,7 +15,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from automodel.core.peft import LoraConfig, apply_peft, load_adapter, reset_adapters, save_adapter
+from automodel.core.peft import (
+    LoraConfig,
+    apply_peft,
+    load_adapter,
+    merge_adapters,
+    reset_adapters,
+    save_adapter,
+    unmerge_adapters,
+)
 from harness.distributed import run_distributed
 from harness.models import VOCAB_SIZE, build_tiny_model
 
@@ -111,6 +119,18 @@ def _lora_parallel_worker(rank: int, world_size: int, out_dir: str) -> dict[str,
             (v - reference_state[n]).abs().max().item() for n, v in _adapter_state(tp).items()
         )
         save_adapter(tp, out / f"{kind}-tp")
+        # Merging folds each rank's adapter slice into its weight slice, and unmerging undoes it.
+        for name, model, batch in (("fsdp", fsdp, local[0]), ("tp", tp, eval_batch)):
+            losses = []
+            for step in (None, merge_adapters, unmerge_adapters):
+                if step is not None:
+                    step(model)
+                loss = torch.tensor(_eval_loss(model, batch))
+                if name == "fsdp":
+                    dist.all_reduce(loss)
+                    loss /= world_size
+                losses.append(loss.item())
+            result[f"{kind}/{name}_merge_evals"] = losses
 
         # A saved adapter loads into freshly sharded models, each rank taking its own slices.
         save_adapter(reference, out / f"{kind}-reference")
@@ -169,6 +189,10 @@ def test_lora_and_dora_under_fsdp2_and_tp_match_single_process(tmp_path):
             assert r[f"{kind}/{parallel}_param_diff"] < 1e-5
             assert r[f"{kind}/{parallel}_saved_diff"] < 1e-5
             assert r[f"{kind}/{parallel}_reset_diff"] < 1e-6
+            unmerged, merged, unmerged_again = r[f"{kind}/{parallel}_merge_evals"]
+            torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(unmerged_again, unmerged, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(unmerged, r[f"{kind}/reference_eval"], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(
                 r[f"{kind}/{parallel}_reset_eval"], r[f"{kind}/reset_eval"], atol=1e-5, rtol=1e-5
             )

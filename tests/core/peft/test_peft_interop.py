@@ -206,6 +206,9 @@ def test_config_from_peft_object_and_dict():
     assert (config.rank, config.alpha, config.dropout, config.use_dora) == (16, 32.0, 0.05, True)
     assert config.target_modules == ["q_proj"]
     assert LoraConfig.from_peft(reference.to_dict()) == config
+    model = apply_peft(build_tiny_model("llama"), reference)  # a peft config object is accepted
+    assert all(m.use_dora and m.rank == 16 for m in adapter_modules(model).values())
+    assert len(adapter_modules(model)) == model.config.num_hidden_layers
     with pytest.raises(ValueError, match="rank_pattern"):
         LoraConfig.from_peft({**reference.to_dict(), "rank_pattern": {"q_proj": 8}})
     with pytest.raises(ValueError, match="LoRA / DoRA adapters only"):
@@ -226,6 +229,7 @@ def test_load_adapter_rejects_an_adapter_of_another_shape(tmp_path):
         load_adapter(build_tiny_model("llama"), Path(tmp_path) / "nowhere")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_adapter_of_automodel_optimized_model_loads_in_peft(name, tiny_model_dir, tmp_path):
     """``AutoModelForCausalLM.from_pretrained(..., peft=)`` keeps HF module names: peft loads it."""

@@ -147,6 +147,7 @@ def merge_adapters(model: ModelT, *, unload: bool = False) -> ModelT:
     modules = adapter_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to merge; apply_peft first")
+    reshard_fsdp(model)
     for name, lora in modules.items():
         lora.merge()
         if unload:
@@ -165,6 +166,7 @@ def unmerge_adapters(model: ModelT) -> ModelT:
     modules = adapter_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to unmerge")
+    reshard_fsdp(model)
     for lora in modules.values():
         lora.unmerge()
     return model
