@@ -10,6 +10,7 @@ from automodel.core.auto import (
     AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
 )
+from automodel.core.flops import flops_per_token, matmul_params_per_token
 from automodel.core.models.registry import optimized_model_types
 from automodel.core.patching import PatchReport, patch_model
 from automodel.core.peft import LoraConfig
@@ -24,6 +25,8 @@ __all__ = [
     "LoraConfig",
     "PatchReport",
     "__version__",
+    "flops_per_token",
+    "matmul_params_per_token",
     "optimized_model_types",
     "patch_model",
 ]
