@@ -156,4 +156,4 @@ def _use_sharded_save(model: nn.Module) -> None:
             logger.warning("save_pretrained of a parallel model ignores %s", ignored)
         save(self, save_directory, **options)
 
-    model.save_pretrained = types.MethodType(save_pretrained, model)  # type: ignore[method-assign]
+    model.save_pretrained = types.MethodType(save_pretrained, model)  # type: ignore[method-assign, assignment]
