@@ -269,6 +269,7 @@ def cross_entropy_triton(
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns per-token fp32 losses ``[N]`` (0 at ignored tokens) and the label-token count."""
+    labels = labels.contiguous()  # the kernels index labels by row
     opts = {
         "ignore_index": ignore_index,
         "label_smoothing": label_smoothing,
@@ -298,7 +299,7 @@ def ce_loss_and_grad_triton(
     gradient is scaled by the 0-d ``scale`` and lands in ``logits``' own storage and dtype (the
     caller owns that buffer: a chunk of logits computed for this call).
     """
-    logits = _rows(logits)
+    logits, labels = _rows(logits), labels.contiguous()
     total_vocab = vocab_size if vocab_size is not None else logits.shape[1]
     stats = _stats(logits, labels, ignore_index, softcap, bool(label_smoothing), vocab_start)
     loss, lse = _loss_from_stats(

@@ -190,6 +190,7 @@ class _RMSNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
     ) -> torch.Tensor:
+        weight = weight.contiguous()
         y, _, rstd = _forward(x, None, weight, eps, offset)
         ctx.save_for_backward(_as_rows(x), weight, rstd)
         ctx.offset = offset
@@ -212,6 +213,7 @@ class _AddRMSNorm(torch.autograd.Function):
         eps: float,
         offset: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = weight.contiguous()
         y, summed, rstd = _forward(x, residual, weight, eps, offset)
         assert summed is not None
         ctx.save_for_backward(summed, weight, rstd)
