@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from automodel.kernels.attention import hf_attention_forward
+from automodel.kernels.attention import attention, hf_attention_forward
 from harness.models import tiny_config
 
 NAME = "automodel_kernels_test"
@@ -107,3 +107,24 @@ def test_registered_in_transformers_gives_the_same_logits_and_generations() -> N
                         pad_token_id=0,
                     ),
                 )
+
+
+@pytest.mark.slow
+def test_traces_into_one_graph_under_torch_compile() -> None:
+    # Core compiles decoder blocks: the attention call must not break the graph (dynamo only here;
+    # inductor code generation is the GPU suite's business).
+    module = torch.nn.Module()
+    module.is_causal = True  # type: ignore[assignment]
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8)
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[1, :3] = 0
+    docs = torch.tensor([[0] * 5 + [1] * 7] * 2)
+
+    def step(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = hf_attention_forward(module, q, k, k, padding, sliding_window=5)[0]
+        return a, attention(q, k, k, document_ids=docs)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    for got, want in zip(compiled(q, k), step(q, k)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -136,6 +136,10 @@ def _resolve(backend: str, spec: MaskSpec, q: torch.Tensor, softcap: float | Non
             backend = "flex" if block_sparse or softcap is not None else "sdpa"
         else:
             backend = "eager" if softcap is not None else "sdpa"
+    if torch.compiler.is_compiling() and backend in ATTENTION_BACKENDS:
+        # resolve_backend logs the choice, which torch.compile cannot trace without a graph break;
+        # the same choice was validated and logged by any eager call.
+        return backend
     return resolve_backend("attention", backend, q.device, choices=ATTENTION_BACKENDS)
 
 

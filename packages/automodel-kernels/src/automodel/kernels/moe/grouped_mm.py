@@ -50,7 +50,10 @@ def grouped_mm(
         )
     if backend == "auto":
         backend = "grouped_mm" if _grouped_mm_is_fast(x, w) else "torch"
-    choice = resolve_backend("grouped_mm", backend, x.device, choices=GROUPED_MM_BACKENDS)
+    if torch.compiler.is_compiling() and backend in GROUPED_MM_BACKENDS:
+        choice = backend  # resolve_backend's logging would break the graph
+    else:
+        choice = resolve_backend("grouped_mm", backend, x.device, choices=GROUPED_MM_BACKENDS)
     if choice == "grouped_mm":
         offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
         out: torch.Tensor = _GroupedMM.apply(x, w, offsets)
