@@ -2,5 +2,13 @@
 
 from automodel.core.moe.grouped_experts import is_experts_module, patch_moe_experts
 from automodel.core.moe.load_stats import MoELoadStats, moe_load_stats
+from automodel.core.moe.state_dict_adapter import MoEKeyMap, moe_key_map
 
-__all__ = ["MoELoadStats", "is_experts_module", "moe_load_stats", "patch_moe_experts"]
+__all__ = [
+    "MoEKeyMap",
+    "MoELoadStats",
+    "is_experts_module",
+    "moe_key_map",
+    "moe_load_stats",
+    "patch_moe_experts",
+]
