@@ -47,5 +47,12 @@ def lm_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     ``use_cache=False`` matters beyond memory: transformers only derives the per-document mask
     from restarting ``position_ids`` when no KV cache is in play.
     """
-    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes")
+    keys = (
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "pixel_values",
+        "image_sizes",
+        "image_grid_thw",
+    )
     return {**{k: v for k, v in batch.items() if k in keys}, "use_cache": False}

@@ -49,17 +49,15 @@ def _load_model(cfg: ModelSection, kind: str = "AutoModelForCausalLM", **kwargs:
     extra: dict[str, Any] = dict(kwargs)
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
-    if cfg.num_labels is not None:
-        extra["num_labels"] = cfg.num_labels
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise ValueError(f"model.name_or_path {path!r}: cannot load its config ({e})") from None
     for key, value in cfg.config_overrides.items():
         setattr(config, key, value)
+    if cfg.num_labels is not None:
+        config.num_labels = cfg.num_labels  # resizes id2label/label2id too
     if cfg.from_scratch:
-        if "num_labels" in extra:
-            config.num_labels = extra.pop("num_labels")
         return cls.from_config(
             config, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra
         )
