@@ -296,3 +296,31 @@ def test_gpu_auto_picks_flex_for_documents_and_sdpa_for_plain_causal() -> None:
     )
     torch.testing.assert_close(attention(q, k, k), attention(q, k, k, backend="sdpa"))
     assert math.isfinite(float(attention(q, k, k, window=64).float().sum()))
+
+
+@pytest.mark.gpu
+def test_gpu_each_sdpa_kernel_matches_an_fp64_reference() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    batch, heads, seq, dim = 2, 16, 1024, 128
+    for kernel in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+    ):
+        q, k, v = (
+            torch.randn(
+                batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+            )
+            for _ in range(3)
+        )
+        grad = torch.randn_like(q)
+        with sdpa_kernel([kernel]):
+            out = attention(q, k, v, backend="sdpa")  # plain causal: is_causal=True, no mask
+            out.backward(grad)
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = attention(*leaves, backend="eager")
+        ref.backward(grad.double())
+        for got, want in zip([out, q.grad, k.grad, v.grad], [ref, *(t.grad for t in leaves)]):
+            assert _rel_err(got, want) < 1e-2, kernel

@@ -128,3 +128,19 @@ def test_traces_into_one_graph_under_torch_compile() -> None:
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     for got, want in zip(compiled(q, k), step(q, k)):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_registered_model_trains_like_sdpa_in_bf16() -> None:
+    ids = torch.randint(5, 300, (2, 64), device="cuda")
+    mask = torch.ones(2, 64, dtype=torch.long, device="cuda")
+    mask[1, :7] = 0
+    losses, grads = [], []
+    for impl in (NAME, "sdpa"):
+        model = _model("mistral", impl).to("cuda", torch.bfloat16).train()
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        losses.append(out.loss.float())
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.float())
+    assert torch.isfinite(losses[0]) and abs(float(losses[0] - losses[1])) < 1e-2 * float(losses[1])
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 5e-2
