@@ -259,10 +259,13 @@ def test_gpu_backends_in_bf16_against_an_fp64_reference(backend: str) -> None:
     docs = torch.repeat_interleave(
         torch.arange(4, device="cuda"), torch.tensor([100, 300, 424, 200], device="cuda")
     )
+    left_padded = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    left_padded[1, :200] = False  # row 1's first queries see no key at all: zeros, never NaN
     cases: list[dict[str, Any]] = [
         dict(),
         dict(window=256),
         dict(document_ids=docs.expand(batch, seq)),
+        dict(key_padding_mask=left_padded, window=300),
     ]
     if backend != "sdpa":
         cases.append(dict(softcap=30.0, window=128))
