@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from automodel.parallel.expert import apply_expert_parallel, find_expert_modules
-from harness import build_tiny_model, run_distributed
+from harness import build_tiny_model, run_distributed, tiny_config
 
 _STEPS = 3
 
@@ -20,19 +25,21 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _ep_matches_single_process(rank: int, world_size: int, names: list[str]) -> dict[str, float]:
+def _ep_matches_single_process(
+    rank: int, world_size: int, names: list[str], device: str = "cpu"
+) -> tuple[dict[str, float], list[str]]:
     """EP over all ranks; each rank gets its own slice of the batch; compares with the full model."""
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("ep",))
     worst: dict[str, float] = {}
     for name in names:
-        reference = build_tiny_model(name, seed=0).train()
+        reference = build_tiny_model(name, seed=0).to(device).train()
         model = apply_expert_parallel(copy.deepcopy(reference), mesh)
         local_experts = model.get_submodule(find_expert_modules(model)[0][0]).gate_up_proj
         assert isinstance(local_experts, DTensor)
         assert local_experts.to_local().shape[0] == local_experts.shape[0] // world_size
 
         gen = torch.Generator().manual_seed(1)
-        batch = torch.randint(5, 384, (2 * world_size, 12), generator=gen)
+        batch = torch.randint(5, 384, (2 * world_size, 12), generator=gen).to(device)
         local = batch.chunk(world_size)[rank]
         ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
@@ -64,35 +71,38 @@ def _ep_matches_single_process(rank: int, world_size: int, names: list[str]) -> 
             opt.step()
             opt.zero_grad()
         worst[name] = max(diffs)
-    return worst
+    return worst, _bad_configs(mesh)
 
 
 @pytest.mark.slow
 def test_expert_parallel_equals_single_process_mixtral_and_qwen3_moe() -> None:
     results = run_distributed(_ep_matches_single_process, 2, names=["mixtral", "qwen3_moe"])
-    for worst in results:
+    for worst, messages in results:
         assert set(worst) == {"mixtral", "qwen3_moe"}
         assert all(diff <= 1e-5 for diff in worst.values()), worst
+        # bad configs, checked in the same launch: 2 ranks cannot split 3 experts; no experts
+        assert len(messages) == 2
+        assert "ep=2 does not divide the 3 experts" in messages[0]
+        assert "Fix: choose ep among the divisors of 3" in messages[0]
+        assert "found no MoE experts module" in messages[1]
 
 
-def _bad_configs(rank: int, world_size: int) -> list[str]:
+def _bad_configs(mesh: Any) -> list[str]:
+    """ValueErrors of apply_expert_parallel on a 2-rank ep mesh."""
+    import transformers
+
+    three_experts = tiny_config("mixtral")
+    three_experts.num_local_experts = 3
     messages = []
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
-    for name in ("mixtral", "llama"):
+    for model in (
+        transformers.AutoModelForCausalLM.from_config(three_experts),
+        build_tiny_model("llama"),
+    ):
         try:
-            apply_expert_parallel(build_tiny_model(name), mesh)
+            apply_expert_parallel(model, mesh)
         except ValueError as err:
             messages.append(str(err))
     return messages
-
-
-def test_bad_expert_parallel_configs_raise_value_error() -> None:
-    # 3 ranks cannot split the tiny mixtral's 4 experts; llama has no experts at all.
-    for messages in run_distributed(_bad_configs, 3):
-        assert len(messages) == 2
-        assert "ep=3 does not divide the 4 experts" in messages[0]
-        assert "Fix: choose ep among the divisors of 4" in messages[0]
-        assert "found no MoE experts module" in messages[1]
 
 
 def test_find_expert_modules_by_structure() -> None:
@@ -101,18 +111,18 @@ def test_find_expert_modules_by_structure() -> None:
     assert find_expert_modules(build_tiny_model("llama")) == []
 
 
-def _ep_fsdp_matches_single_process(rank: int, world_size: int) -> list[float]:
+def _ep_fsdp_matches_single_process(rank: int, world_size: int, device: str = "cpu") -> list[float]:
     """EP=2 inside FSDP over 4 ranks through ``parallelize``; each rank takes a quarter batch."""
     from automodel.parallel import ParallelConfig, build_mesh, parallelize
 
     config = ParallelConfig(dp_shard=world_size, ep=2)
-    mesh = build_mesh(config, device_type="cpu")
-    reference = build_tiny_model("mixtral", seed=0).train()
+    mesh = build_mesh(config, device_type=device)
+    reference = build_tiny_model("mixtral", seed=0).to(device).train()
     model = parallelize(copy.deepcopy(reference), config, mesh)
     experts = model.get_submodule(find_expert_modules(model)[0][0]).gate_up_proj
     assert isinstance(experts, DTensor) and experts.shape[0] == 4
     gen = torch.Generator().manual_seed(1)
-    batch = torch.randint(5, 384, (world_size, 12), generator=gen)
+    batch = torch.randint(5, 384, (world_size, 12), generator=gen).to(device)
     dp_rank = mesh["dp"].get_local_rank()
     local = batch[dp_rank : dp_rank + 1]
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
@@ -145,13 +155,52 @@ def _ep_fsdp_matches_single_process(rank: int, world_size: int) -> list[float]:
     return losses
 
 
+# ----------------------------------------------------------------------------------------------
+# GPU: the same equivalence checks with NCCL, launched with torchrun on this file.
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _torchrun(nproc: int, check: str) -> None:
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs")
+    src = os.pathsep.join(str(p) for p in sorted((_REPO / "packages").glob("*/src")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(_REPO / "tests")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    proc = subprocess.run(
+        [*cmd, "--nproc-per-node", str(nproc), __file__, check],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="parallel/fsdp.py divides expert gradients with FSDP's gradient divide factor, "
-    "which reduces with ReduceOp.PREMUL_SUM: gloo rejects it (works with NCCL)",
-)
-def test_expert_parallel_inside_fsdp_equals_single_process() -> None:
-    results = run_distributed(_ep_fsdp_matches_single_process, 4, timeout=480)
-    assert all(r == results[0] for r in results) and len(results[0]) == _STEPS
+def test_expert_parallel_equals_single_process_nccl() -> None:
+    _torchrun(2, "ep")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_expert_parallel_inside_fsdp_equals_single_process_nccl() -> None:
+    _torchrun(4, "ep_fsdp")
+
+
+def _gpu_main(check: str) -> None:
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if check == "ep":
+        _ep_matches_single_process(rank, world, names=["mixtral", "qwen3_moe"], device="cuda")
+    else:
+        _ep_fsdp_matches_single_process(rank, world, device="cuda")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _gpu_main(sys.argv[1])

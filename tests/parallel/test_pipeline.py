@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,15 +79,15 @@ def _check_grads(stages: list[Any], reference: Any, step: int, where: str) -> No
 
 
 def _pp_matches_single_process(
-    rank: int, world_size: int, cases: list[dict[str, Any]]
-) -> dict[str, list[float]]:
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    rank: int, world_size: int, cases: list[dict[str, Any]], device: str = "cpu"
+) -> tuple[dict[str, list[float]], list[str]]:
+    mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("pp",))
     losses: dict[str, list[float]] = {}
     for case in cases:
         label = (
             f"{case['name']}{case['layers']}{'-tied' if case['tied'] else ''}/{case['schedule']}"
         )
-        reference = _model(case["name"], case["layers"], case["tied"])
+        reference = _model(case["name"], case["layers"], case["tied"]).to(device)
         model = copy.deepcopy(reference)
         config = ParallelConfig(
             pp=world_size,
@@ -93,7 +97,7 @@ def _pp_matches_single_process(
         )
         stages, schedule = pipeline(model, config, mesh)
         assert len(stages) == case["virtual"]
-        input_ids, labels = _batch(4, case["seq"], mask_some=True)
+        input_ids, labels = (t.to(device) for t in _batch(4, case["seq"], mask_some=True))
         ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
         opt = torch.optim.AdamW([p for s in stages for p in s.parameters()], lr=1e-2, foreach=False)
         for step in range(_STEPS):
@@ -109,7 +113,7 @@ def _pp_matches_single_process(
             ref_opt.zero_grad()
             opt.step()
             opt.zero_grad()
-    return losses
+    return losses, _bad_configs(mesh)
 
 
 _CASES = [
@@ -136,27 +140,34 @@ _CASES = [
 @pytest.mark.slow
 def test_pipeline_schedules_equal_single_process() -> None:
     results = run_distributed(_pp_matches_single_process, 2, cases=_CASES, timeout=480)
-    last = results[1]  # rank 1 holds the last stage except under zbv (rank 0)
-    assert set(results[0]) == {"llama4/zbv"}
+    (first, messages), (last, _) = results
+    # rank 1 holds the last stage and reports the losses, except under zbv (rank 0)
+    assert set(first) == {"llama4/zbv"}
     assert len(last) == len(_CASES) - 1
-    assert all(len(v) == _STEPS for r in results for v in r.values())
+    assert all(len(v) == _STEPS for r in (first, last) for v in r.values())
     # the steps train: the loss moves
     assert all(abs(v[0] - v[-1]) > 1e-4 for v in last.values())
+    assert len(messages) == 3
+    assert "4 stages (pp * pp_virtual_stages) but the model has only 2 layers" in messages[0]
+    assert "Fix: choose pp * pp_virtual_stages <= 2" in messages[0]
+    assert "ParallelConfig.pp=4 but the mesh's pp dim has 2 ranks" in messages[1]
+    assert "needs pp_microbatches >= pp=2" in messages[2]
 
 
-def _pp_fsdp_matches_single_process(rank: int, world_size: int) -> list[float]:
+def _pp_fsdp_matches_single_process(rank: int, world_size: int, device: str = "cpu") -> list[float]:
     """PP=2 x FSDP=2: each stage goes through ``parallelize`` (FSDP2 per block and root)."""
     config = ParallelConfig(pp=2, dp_shard=2, pp_schedule="1f1b", pp_microbatches=2)
-    mesh = build_mesh(config, device_type="cpu")
+    mesh = build_mesh(config, device_type=device)
     dp_mesh = mesh["dp"]
 
-    reference = _model("llama", 4, tied=False)
+    reference = _model("llama", 4, tied=False).to(device)
     model = copy.deepcopy(reference)
     stages, schedule = pipeline(
         model, config, mesh, parallelize_fn=lambda stage: parallelize(stage, config, mesh)
     )
     assert all(isinstance(p, DTensor) for s in stages for p in s.parameters())
-    input_ids, labels = _batch(4, 10, mask_some=False)  # equal label counts per data-parallel rank
+    # equal label counts per data-parallel rank
+    input_ids, labels = (t.to(device) for t in _batch(4, 10, mask_some=False))
     dp_rank = dp_mesh.get_local_rank()
     local_ids, local_labels = input_ids.chunk(2)[dp_rank], labels.chunk(2)[dp_rank]
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
@@ -187,8 +198,8 @@ def test_pipeline_with_fsdp_equals_single_process() -> None:
     assert len(results[2]) == _STEPS and results[2] == results[3]
 
 
-def _bad_configs(rank: int, world_size: int) -> list[str]:
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+def _bad_configs(mesh: Any) -> list[str]:
+    """ValueErrors of pipeline() on a 2-rank pp mesh (checked in the schedules launch)."""
     messages = []
     for config in (
         ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2),  # 4 > 2 layers
@@ -200,15 +211,6 @@ def _bad_configs(rank: int, world_size: int) -> list[str]:
         except ValueError as err:
             messages.append(str(err))
     return messages
-
-
-def test_bad_pipeline_configs_raise_value_error() -> None:
-    messages = run_distributed(_bad_configs, 2)[0]
-    assert len(messages) == 3
-    assert "4 stages (pp * pp_virtual_stages) but the model has only 2 layers" in messages[0]
-    assert "Fix: choose pp * pp_virtual_stages <= 2" in messages[0]
-    assert "ParallelConfig.pp=4 but the mesh's pp dim has 2 ranks" in messages[1]
-    assert "needs pp_microbatches >= pp=2" in messages[2]
 
 
 def test_balanced_split_and_split_points() -> None:
@@ -230,3 +232,54 @@ def test_balanced_split_and_split_points() -> None:
     assert stage_indices("interleaved_1f1b", 1, 2, 2) == [1, 3]
     assert stage_indices("zbv", 1, 2, 2) == [1, 2]
     assert shift_labels(torch.tensor([[5, 6, 7]])).tolist() == [[6, 7, -100]]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the same equivalence checks with NCCL, launched with torchrun on this file.
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _torchrun(nproc: int, check: str) -> None:
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs")
+    src = os.pathsep.join(str(p) for p in sorted((_REPO / "packages").glob("*/src")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(_REPO / "tests")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    proc = subprocess.run(
+        [*cmd, "--nproc-per-node", str(nproc), __file__, check],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_pipeline_schedules_equal_single_process_nccl() -> None:
+    _torchrun(2, "schedules")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_pipeline_with_fsdp_equals_single_process_nccl() -> None:
+    _torchrun(4, "fsdp")
+
+
+def _gpu_main(check: str) -> None:
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if check == "schedules":
+        _pp_matches_single_process(rank, world, cases=_CASES, device="cuda")
+    else:
+        _pp_fsdp_matches_single_process(rank, world, device="cuda")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _gpu_main(sys.argv[1])

@@ -93,6 +93,13 @@ def pipeline(
     else:
         splits = balanced_split(len(layout.layers), num_stages)
 
+    n_microbatches = config.pp_microbatches or num_stages
+    if schedule_name == "1f1b" and n_microbatches < pp:
+        raise ValueError(
+            f"pp_schedule='1f1b' needs pp_microbatches >= pp={pp} (got {n_microbatches}). "
+            f"Fix: set pp_microbatches to {pp} or more."
+        )
+
     pp_rank = pp_mesh.get_local_rank()
     tied = _untie_across_ranks(layout, mesh, pp_dim, schedule_name, pp, num_stages)
     modules: list[nn.Module] = []
@@ -116,12 +123,6 @@ def pipeline(
         PipelineStage(module, index, num_stages, device, group=group)
         for module, index in zip(modules, indices)
     ]
-    n_microbatches = config.pp_microbatches or num_stages
-    if schedule_name == "1f1b" and n_microbatches < pp:
-        raise ValueError(
-            f"pp_schedule='1f1b' needs pp_microbatches >= pp={pp} (got {n_microbatches}). "
-            f"Fix: set pp_microbatches to {pp} or more."
-        )
     schedule = PipelineSchedule(schedule_name, pipeline_stages, modules, n_microbatches, tied)
     return modules, schedule
 
