@@ -133,6 +133,16 @@ def _triton_cross_entropy_worker(rank: int, world_size: int) -> list:
             (f"{options} loss", out.detach(), ref.detach()),
             (f"{options} dlogits", grad, ref_grad),
         ]
+    # Labels that are a strided view (every other element of a longer tensor).
+    strided = torch.randint(0, 41, (42,))[::2]
+    flat = logits.detach().view(21, 41)
+    pairs.append(
+        (
+            "strided labels",
+            cross_entropy(flat, strided, backend="triton")[0],
+            cross_entropy(flat, strided, backend="torch")[0],
+        )
+    )
     return pairs
 
 
