@@ -175,9 +175,14 @@ def run_moe(name: str) -> dict[str, Any]:
     kind = MOE_VARIANTS[name]
 
     def ours(
-        backend: str, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+        backend: str,
+        x: torch.Tensor,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        route_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        weights, indices, _ = topk_route(F.linear(x, router.to(x.dtype)), top_k)
+        logits = F.linear(x, router.to(x.dtype)) if route_logits is None else route_logits
+        weights, indices, _ = topk_route(logits, top_k)
         permuted, row_map, counts = permute(x, indices, experts)
         g, u = grouped_mm(permuted, gate_up.transpose(1, 2), counts, backend=backend).chunk(
             2, dim=-1
@@ -216,7 +221,10 @@ def run_moe(name: str) -> dict[str, Any]:
     ms, peak = _timed(step)
     with torch.no_grad():
         out = forward().double()
-        ref = ours("torch", x.float(), gate_up.float(), down.float()).double()
+        # The reference routes on the bf16 run's logits: a near-tie flipping an expert choice
+        # between bf16 and fp32 would otherwise dominate the error.
+        bf16_logits = F.linear(x, router).float()
+        ref = ours("torch", x.float(), gate_up.float(), down.float(), bf16_logits).double()
         rel = float((out - ref).norm() / ref.norm())
     # Expert FLOPs: 3 matmuls of [tokens*k, hidden] x [hidden, ffn] (gate, up, down), fwd + 2x bwd.
     flops = 3 * 2 * tokens * top_k * hidden * ffn * 3
