@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -26,7 +27,7 @@ def test_lr_schedules():
     values = [lr_multiplier(s, 20, wsd) for s in range(20)]
     assert values[2:15] == [1.0] * 13  # stable until the last 25% of steps
     assert values[15] == 1.0 and values[19] == pytest.approx(0.0)
-    assert all(a >= b for a, b in zip(values[15:], values[16:]))
+    assert all(a >= b for a, b in itertools.pairwise(values[15:]))
 
 
 @pytest.mark.slow
