@@ -28,7 +28,7 @@ KILL_POINTS = {
     "writing optimizer (DCP metadata)": (("rename", ".metadata", 1), 1),
     "writing trainer state": (("replace", "rank_00000.pt", 1), 1),
     "writing the completion marker": (("replace", "checkpoint.json", 1), 1),
-    "publishing rename": (("rename", ".partial.step_2", 1), 1),
+    "publishing rename": (("rename", ".partial.step_2", 2), 1),  # 1st: DCP .metadata
     "after rename, before latest pointer": (("replace", "latest", 1), 1),
     "during retention of step 1": (("rename", ".trash.step_1", 1), 2),
 }
