@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -55,13 +54,17 @@ def torchrun_args(
     ]
 
 
-def relaunch(launcher_args: Sequence[str], cli_args: Sequence[str]) -> int:
-    """Runs ``automodel <cli_args>`` under torchrun with ``launcher_args``; returns its exit code.
+def relaunch(launcher_args: Sequence[str], cli_args: Sequence[str]) -> None:
+    """Replaces this process with ``torchrun <launcher_args> automodel <cli_args>``; never returns.
 
-    Every rank shares one AUTOMODEL_RUN_ID so `${AUTOMODEL_RUN_ID}` resolves identically.
+    Replacing (exec) rather than spawning means SIGTERM/SIGUSR1 sent to ``automodel`` reach
+    torchrun, which forwards them to the training processes (they checkpoint and exit). Every
+    rank shares one AUTOMODEL_RUN_ID so `${AUTOMODEL_RUN_ID}` resolves identically.
     """
     env = {**os.environ}
     env.setdefault("AUTOMODEL_RUN_ID", time.strftime("%Y%m%d-%H%M%S"))
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args,
            "-m", "automodel.recipes.cli", *cli_args]  # fmt: skip
-    return subprocess.call(cmd, env=env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)

@@ -83,7 +83,7 @@ def _run(
     nproc = nproc_per_node if nproc_per_node is not None else default_nproc()
     if not under_torchrun() and (nproc > 1 or nnodes > 1):
         launcher = torchrun_args(nproc, nnodes, node_rank, rdzv_endpoint)
-        sys.exit(relaunch(launcher, ["run", config, *overrides]))
+        relaunch(launcher, ["run", config, *overrides])
     output = RECIPES[cfg.recipe].runner()(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(str(Path(output).resolve()))
