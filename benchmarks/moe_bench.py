@@ -28,7 +28,8 @@ Liger dependency) are prepended to ``PYTHONPATH`` only in the ``nemo`` subproces
 
 Model: Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32 heads x 128
 head_dim, 4 KV heads, vocab 151936, untied) with ``--layers`` (default 8) decoder layers, random
-init (seed 0, on the CPU, then moved to the GPU), bf16 parameters, AdamW(fused=True), seq 4096 x batch 1, 3 warm-up + 8 timed steps.
+init (seed 0, on the CPU, then moved to the GPU), bf16 parameters, AdamW(fused=True), seq 4096 x
+batch 1, 3 warm-up + 8 timed steps.
 MFU: see :func:`active_flops_per_token` (BENCHMARKS.md convention, active experts only);
 peak 989 TFLOP/s (H100 SXM / H200 dense bf16).
 
