@@ -43,6 +43,22 @@ def rms_norm(
     return (normed * (offset + weight.float())).to(x.dtype)  # Gemma: scale in fp32, then cast
 
 
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual): the residual add fused into the norm."""
+    op = _kernel("add_rms_norm")
+    if op is not None:
+        return op(x, residual, weight, eps, offset=offset, backend=_backend("rms_norm"))
+    total = x + residual
+    return rms_norm(total, weight, eps, offset=offset), total
+
+
 # ----------------------------------------------------------------------------------------- rope
 def rope_init(
     rope_parameters: Mapping[str, Any],

@@ -65,8 +65,9 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm = self.post_attention_layernorm
+        normed, x = _ops.add_rms_norm(attn, x, norm.weight, norm.eps, offset=norm.offset)
+        return x + self.mlp(normed)
 
 
 def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
