@@ -105,7 +105,6 @@ def run_variant(
             if f.is_file():
                 shutil.copyfile(f, dst / f.name)
     elif variant == "torch consolidate_safetensors_files":
-
         # torch's own merge of per-rank files (what HuggingFaceStorageWriter calls in finish()).
         from torch.distributed.checkpoint._consolidate_hf_safetensors import (
             consolidate_safetensors_files,
