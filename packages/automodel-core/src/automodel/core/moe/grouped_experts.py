@@ -42,12 +42,12 @@ def _is_silu(act: Any) -> bool:
 
 
 def _grouped_forward(
-    self: nn.Module,
+    self: Any,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    num_experts = self.gate_up_proj.shape[0]
+    num_experts = int(self.gate_up_proj.shape[0])
     permuted, row_map, tokens_per_expert = permute(hidden_states, top_k_index, num_experts)
     gate_up = grouped_mm(permuted, self.gate_up_proj.transpose(1, 2), tokens_per_expert)
     gate, up = gate_up.chunk(2, dim=-1)
