@@ -39,6 +39,7 @@ def _sft_losses(model, tokenizer, out_dir, steps: int) -> list[float]:
         report_to=[],
         save_strategy="no",
         use_cpu=True,
+        bf16=False,  # fp32, so the first-step loss must match transformers' class exactly
         seed=0,
         data_seed=0,
         assistant_only_loss=True,
@@ -86,6 +87,7 @@ def test_dpo_trainer_with_automodel_policy_and_reference(tiny_model_dir, tmp_pat
         report_to=[],
         save_strategy="no",
         use_cpu=True,
+        bf16=False,
         seed=0,
         dataloader_num_workers=0,
     )
@@ -101,3 +103,29 @@ def test_dpo_trainer_with_automodel_policy_and_reference(tiny_model_dir, tmp_pat
     # DPO starts at log(2) (policy == reference) and falls as chosen and rejected separate.
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)
     assert losses[-1] < losses[0]
+
+
+def test_sft_trainer_under_bf16_autocast(tiny_model_dir, tmp_path):
+    """TRL's default mixed precision (bf16 autocast, fp32 residual stream) trains automodel's model."""
+    path = tiny_model_dir("llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "bf16"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=config, train_dataset=_chat_dataset(), processing_class=tokenizer
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))

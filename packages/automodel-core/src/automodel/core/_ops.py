@@ -52,6 +52,11 @@ def add_rms_norm(
     offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual): the residual add fused into the norm."""
+    if x.dtype != residual.dtype:
+        # Under autocast (e.g. Trainer's bf16=True) block outputs are bf16 while the residual
+        # stream stays fp32; transformers' `residual + x` promotes, so do the same.
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
     op = _kernel("add_rms_norm")
     if op is not None:
         return op(x, residual, weight, eps, offset=offset, backend=_backend("rms_norm"))
