@@ -29,8 +29,9 @@ def _chat_dataset():
     return datasets.Dataset.from_list(rows)
 
 
-def _sft_losses(model, tokenizer, out_dir, steps: int) -> list[float]:
-    config = trl.SFTConfig(
+def _train_args(out_dir, steps: int, *, bf16: bool = False) -> dict:
+    """Returns the TrainingArguments every test shares: CPU, deterministic, no saving or reporting."""
+    return dict(
         output_dir=str(out_dir),
         max_steps=steps,
         per_device_train_batch_size=4,
@@ -39,12 +40,15 @@ def _sft_losses(model, tokenizer, out_dir, steps: int) -> list[float]:
         report_to=[],
         save_strategy="no",
         use_cpu=True,
-        bf16=False,  # fp32, so the first-step loss must match transformers' class exactly
+        bf16=bf16,  # fp32 by default, so first-step losses must match transformers' class exactly
         seed=0,
         data_seed=0,
-        assistant_only_loss=True,
         dataloader_num_workers=0,
     )
+
+
+def _sft_losses(model, tokenizer, out_dir, steps: int, *, bf16: bool = False) -> list[float]:
+    config = trl.SFTConfig(**_train_args(out_dir, steps, bf16=bf16), assistant_only_loss=True)
     trainer = trl.SFTTrainer(
         model=model, args=config, train_dataset=_chat_dataset(), processing_class=tokenizer
     )
@@ -78,19 +82,7 @@ def test_dpo_trainer_with_automodel_policy_and_reference(tiny_model_dir, tmp_pat
         }
         for i in range(16)
     ]
-    config = trl.DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    config = trl.DPOConfig(**_train_args(tmp_path / "dpo", 4))
     trainer = trl.DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
         ref_model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
@@ -110,22 +102,5 @@ def test_sft_trainer_under_bf16_autocast(tiny_model_dir, tmp_path):
     path = tiny_model_dir("llama")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = trl.SFTConfig(
-        output_dir=str(tmp_path / "bf16"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    trainer = trl.SFTTrainer(
-        model=model, args=config, train_dataset=_chat_dataset(), processing_class=tokenizer
-    )
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = _sft_losses(model, tokenizer, tmp_path / "bf16", steps=3, bf16=True)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
