@@ -14,7 +14,7 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-SRC=$(ls -d packages/*/src | tr '\n' :)tests
+SRC=$(ls -d "$PWD"/packages/*/src | tr '\n' :)$PWD/tests  # absolute: subprocesses run elsewhere
 export PYTHONPATH=$SRC
 
 install() {  # install() DIR WHEEL... : unpack wheels into DIR without touching the machine's packages
