@@ -74,17 +74,31 @@ def _ep_matches_single_process(
     return worst, _bad_configs(mesh)
 
 
+def _ep_worker(rank: int, world_size: int, device: str = "cpu") -> dict[str, Any]:
+    """Every EP check of one launch: EP over all ranks, bad configs, then EP=2 inside FSDP."""
+    worst, messages = _ep_matches_single_process(
+        rank, world_size, names=["mixtral", "qwen3_moe"], device=device
+    )
+    ep_fsdp = _ep_fsdp_matches_single_process(rank, world_size, device=device)
+    return {"worst": worst, "messages": messages, "ep_fsdp": ep_fsdp}
+
+
 @pytest.mark.slow
-def test_expert_parallel_equals_single_process_mixtral_and_qwen3_moe() -> None:
-    results = run_distributed(_ep_matches_single_process, 2, names=["mixtral", "qwen3_moe"])
-    for worst, messages in results:
-        assert set(worst) == {"mixtral", "qwen3_moe"}
-        assert all(diff <= 1e-5 for diff in worst.values()), worst
-        # bad configs, checked in the same launch: 2 ranks cannot split 3 experts; no experts
-        assert len(messages) == 2
-        assert "ep=2 does not divide the 3 experts" in messages[0]
-        assert "Fix: choose ep among the divisors of 3" in messages[0]
-        assert "found no MoE experts module" in messages[1]
+def test_expert_parallel_and_ep_inside_fsdp_equal_single_process() -> None:
+    # 4 gloo ranks: ep=4 over mixtral and qwen3_moe (4 experts each), then ep=2 x fsdp=2, whose
+    # expert gradients are divided by a factor FSDP would reduce with PREMUL_SUM (not on gloo).
+    results = run_distributed(_ep_worker, 4, timeout=600)
+    for r in results:
+        assert set(r["worst"]) == {"mixtral", "qwen3_moe"}
+        assert all(diff <= 1e-5 for diff in r["worst"].values()), r["worst"]
+        # bad configs: 4 ranks cannot split 3 experts; a dense model has no experts
+        assert len(r["messages"]) == 2
+        assert "ep=4 does not divide the 3 experts" in r["messages"][0]
+        assert "Fix: choose ep among the divisors of 3" in r["messages"][0]
+        assert "found no MoE experts module" in r["messages"][1]
+        # each rank checked loss (1e-5) and every full gradient against the reference per step
+        assert len(r["ep_fsdp"]) == _STEPS
+        assert r["ep_fsdp"] == results[0]["ep_fsdp"]
 
 
 def _bad_configs(mesh: Any) -> list[str]:
@@ -121,6 +135,8 @@ def _ep_fsdp_matches_single_process(rank: int, world_size: int, device: str = "c
     model = parallelize(copy.deepcopy(reference), config, mesh)
     experts = model.get_submodule(find_expert_modules(model)[0][0]).gate_up_proj
     assert isinstance(experts, DTensor) and experts.shape[0] == 4
+    # 4 experts: 2 per ep rank, each ep shard FSDP-sharded again over the other 2 dp ranks
+    assert experts.device_mesh.ndim == 2 and experts.to_local().shape[0] == 1, experts.placements
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(5, 384, (world_size, 12), generator=gen).to(device)
     dp_rank = mesh["dp"].get_local_rank()

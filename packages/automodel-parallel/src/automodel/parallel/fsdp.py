@@ -67,6 +67,10 @@ def apply_fsdp(
                 sharded = shard(experts, expert_dp, config.reshard_after_forward)
                 # Experts already summed their tokens over ep (all-to-all); average over all dp.
                 sharded.set_gradient_divide_factor(float(mesh["dp_cp"].size()))
+                if mesh.device_type == "cpu":
+                    # A divide factor other than the group size makes FSDP reduce with NCCL's
+                    # PREMUL_SUM, which gloo lacks: reduce with SUM and divide afterwards.
+                    sharded.set_force_sum_reduction_for_comms(True)
     fsdp_blocks = [
         shard(block, dp_mesh, config.reshard_after_forward and i < len(blocks) - 1)
         for i, block in enumerate(blocks)
