@@ -1,8 +1,9 @@
 """Kernel patches for transformers models without an optimized implementation (day-0 support).
 
 ``patch_model`` walks a stock ``transformers`` model and swaps in automodel.kernels where it
-recognizes a module type: RMSNorm-like norms, gated MLPs (separate or fused gate/up), the
-modeling file's ``apply_rotary_pos_emb`` and the causal-LM loss. A candidate is patched only after
+recognizes a module type: RMSNorm-like norms, gated MLPs (separate or fused gate/up), fused MoE
+experts (grouped GEMMs, ``automodel.core.moe``), the modeling file's ``apply_rotary_pos_emb`` and
+the causal-LM loss. A candidate is patched only after
 a numerical probe on random inputs shows the kernel reproduces the module's own forward (fp32,
 tight tolerance), so an unfamiliar variant is left alone rather than silently changed. The model
 stays a standard HF model; what was patched is logged and returned.
@@ -73,6 +74,7 @@ def patch_model(model: nn.Module) -> PatchReport:
         if verdicts[key]:
             module.forward = types.MethodType(_FORWARDS[kind], module)  # type: ignore[method-assign]
             report.modules[type(module).__name__] += 1
+    _patch_experts(model, report)
     _patch_rotary(model, report)
     if _is_causal_lm(model):
         model.loss_function = _causal_lm_loss  # type: ignore[assignment]
@@ -175,6 +177,24 @@ def _probe(module: nn.Module, kind: str) -> bool:
         except Exception:  # a shape or signature we do not understand: leave it alone
             return False
     return bool(got.shape == expected.shape and torch.allclose(got, expected, atol=_ATOL, rtol=0))
+
+
+def _patch_experts(model: nn.Module, report: PatchReport) -> None:
+    """Runs fused MoE experts (Mixtral, Qwen3-MoE, ...) as grouped GEMMs once their class probes."""
+    from automodel.core.moe import grouped_forward_matches, is_experts_module, use_grouped_forward
+
+    verdicts: dict[type, bool] = {}
+    for module in model.modules():
+        if not is_experts_module(module):
+            continue
+        cls = type(module)
+        if cls not in verdicts:
+            verdicts[cls] = grouped_forward_matches(module, atol=_ATOL)
+            if not verdicts[cls]:
+                report.skipped.append(cls.__name__)
+        if verdicts[cls]:
+            use_grouped_forward(module)
+            report.modules[f"{cls.__name__} (grouped GEMM)"] += 1
 
 
 def _patch_rotary(model: nn.Module, report: PatchReport) -> None:

@@ -11,6 +11,7 @@ checkpoints, ``save_pretrained``, PEFT and expert parallelism see the same modul
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any
 
@@ -58,12 +59,77 @@ def _grouped_forward(
     return unpermute(out, row_map, top_k_weights.to(out.dtype)).to(hidden_states.dtype)
 
 
+def use_grouped_forward(module: nn.Module) -> bool:
+    """Returns True when ``module``'s forward was switched to the grouped GEMMs now (False: already).
+
+    No check of the math: :func:`grouped_forward_matches` is the probe for unfamiliar classes.
+    """
+    if not is_experts_module(module):
+        raise ValueError(
+            f"use_grouped_forward: {type(module).__name__} is not a fused experts module; expected "
+            "3D gate_up_proj [E, 2I, H] and down_proj [E, H, I] parameters without biases"
+        )
+    if getattr(module, "_automodel_grouped", False):
+        return False
+    module.forward = types.MethodType(_grouped_forward, module)  # type: ignore[method-assign]
+    setattr(module, "_automodel_grouped", True)  # noqa: B010
+    return True
+
+
+def grouped_forward_matches(module: nn.Module, *, max_experts: int = 4, atol: float = 1e-5) -> bool:
+    """Returns True when the grouped forward reproduces the class's own forward (fp32, CPU probe).
+
+    The probe is a shallow copy of ``module`` holding fresh random fp32 CPU weights for at most
+    ``max_experts`` experts (the real weights are neither read nor copied, so meta, sharded or
+    30B-sized modules cost a few MB), run on random tokens with random top-k routing through the
+    class's undecorated forward (transformers' per-expert loop, whatever experts implementation
+    the config selects) and through the grouped path. A layout the grouped path does not
+    implement (interleaved or transposed weights, a post-expert norm, ...) fails the probe.
+    """
+    if not is_experts_module(module):
+        return False
+    weights_3d: Any = module.gate_up_proj
+    num_experts = min(int(weights_3d.shape[0]), max_experts)
+    _, two_inter, hidden = weights_3d.shape
+    gen = torch.Generator().manual_seed(0)
+    probe: Any = copy.copy(module)
+    probe._parameters = dict(module._parameters)
+    probe._parameters["gate_up_proj"] = nn.Parameter(
+        torch.randn(num_experts, int(two_inter), int(hidden), generator=gen) * 0.1
+    )
+    probe._parameters["down_proj"] = nn.Parameter(
+        torch.randn(num_experts, int(hidden), int(two_inter) // 2, generator=gen) * 0.1
+    )
+    if hasattr(probe, "num_experts"):
+        probe.num_experts = num_experts
+    top_k = min(2, num_experts)
+    tokens = 6
+    x = torch.randn(tokens, int(hidden), generator=gen)
+    index = torch.rand(tokens, num_experts, generator=gen).argsort(dim=-1)[:, :top_k]
+    weights = torch.rand(tokens, top_k, generator=gen).softmax(dim=-1)
+    reference = type(module).forward
+    reference = getattr(reference, "__wrapped__", reference)  # transformers' dispatch decorator
+    try:
+        with torch.no_grad():
+            expected = reference(probe, x, index, weights)
+            got = _grouped_forward(probe, x, index, weights)
+    except Exception:  # a signature or layout we do not understand: leave it alone
+        return False
+    return bool(
+        isinstance(expected, torch.Tensor)
+        and got.shape == expected.shape
+        and torch.allclose(got, expected, atol=atol, rtol=0)
+    )
+
+
 def patch_moe_experts(model: nn.Module) -> list[str]:
     """Returns the FQNs of the expert modules whose forward now runs as grouped GEMMs.
 
     Recognizes modules by structure (see :func:`is_experts_module`), so MoE families transformers adds
     later work too. Idempotent. The math equals the per-expert loop (same products, summed in a
     fixed order); ``automodel.kernels.grouped_mm`` uses ``torch._grouped_mm`` on Hopper GPUs.
+    ``automodel.core.patching.patch_model`` (the ``AutoModelFor*`` fallback) calls this per module
+    after :func:`grouped_forward_matches` accepted its class.
 
     Example:
         >>> model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_path)
@@ -72,10 +138,7 @@ def patch_moe_experts(model: nn.Module) -> list[str]:
     """
     patched = []
     for name, module in model.named_modules():
-        if not is_experts_module(module):
-            continue
-        if not getattr(module, "_automodel_grouped", False):
-            module.forward = types.MethodType(_grouped_forward, module)  # type: ignore[method-assign]
-            module._automodel_grouped = True
-        patched.append(name)
+        if is_experts_module(module):
+            use_grouped_forward(module)
+            patched.append(name)
     return patched
