@@ -17,7 +17,13 @@ from automodel.recipes._components import build_loss, build_optimizer, lm_inputs
 from automodel.recipes._model_io import _load_model, load_tokenizer, sample, save_final
 from automodel.recipes._peft import apply_lora
 from automodel.recipes.config import RecipeConfig
-from automodel.recipes.data import IGNORE_INDEX, ShardedBatches, build_examples, collate
+from automodel.recipes.data import (
+    IGNORE_INDEX,
+    ShardedBatches,
+    StreamingBatches,
+    build_examples,
+    collate,
+)
 from automodel.recipes.train import (
     MetricsLogger,
     RunDir,
@@ -64,7 +70,11 @@ def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> P
 
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     assert cfg.data.train is not None
-    examples = build_examples(cfg.data, cfg.data.train, tokenizer, log=metrics.print)
+    examples = (
+        None
+        if cfg.data.streaming
+        else build_examples(cfg.data, cfg.data.train, tokenizer, log=metrics.print)
+    )
     val_examples = (
         build_examples(cfg.data, cfg.data.validation, tokenizer, log=metrics.print)
         if cfg.data.validation is not None
@@ -89,10 +99,17 @@ def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> P
     def collate_fn(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate(rows, tokenizer.pad_token_id)
 
-    batches = ShardedBatches(
-        examples, t.micro_batch_size, collate_fn, rank=rt.dp_rank, world_size=rt.dp_size,
-        seed=t.seed, shuffle=cfg.data.shuffle,
-    )  # fmt: skip
+    batches: ShardedBatches | StreamingBatches
+    if examples is None:  # data.streaming: read lazily, packed on the fly
+        batches = StreamingBatches(
+            cfg.data.train, cfg.data, tokenizer, t.micro_batch_size, collate_fn,
+            rank=rt.dp_rank, world_size=rt.dp_size, seed=t.seed, log=metrics.print,
+        )  # fmt: skip
+    else:
+        batches = ShardedBatches(
+            examples, t.micro_batch_size, collate_fn, rank=rt.dp_rank, world_size=rt.dp_size,
+            seed=t.seed, shuffle=cfg.data.shuffle,
+        )  # fmt: skip
     val = (
         ShardedBatches(
             val_examples,

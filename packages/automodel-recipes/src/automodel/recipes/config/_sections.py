@@ -74,6 +74,11 @@ class DataSection(Section):
     on_bad_line: Literal["error", "skip"] = "error"
     """Malformed JSONL line or chat without assistant turn: stop with file:line, or skip and count."""
     shuffle: bool = True
+    """Map-style data: a new permutation every epoch. Streaming: the file order per epoch."""
+    streaming: bool = False
+    """Pretraining text read lazily (JSONL/TXT/Parquet files or `hf:` streaming), packed on the
+    fly, sharded by record across ranks; the stream position is checkpointed. For corpora that do
+    not fit in memory; startup is instant whatever the corpus size."""
     dataset: Component | None = None
     """A custom dataset by `_target_`, called with its arguments plus tokenizer=..."""
 
@@ -234,6 +239,11 @@ class RecipeConfig(Section):
 
     @model_validator(mode="after")
     def _recipe_needs(self) -> RecipeConfig:
+        if self.data.streaming and (self.recipe != "pretrain" or self.data.train is None):
+            raise ValueError(
+                "data.streaming: only the pretrain recipe streams, from data.train.path (files "
+                "or hf:NAME); set data.streaming=false"
+            )
         if self.recipe == "distill" and self.distill is None:
             raise ValueError("recipe 'distill' needs a 'distill' section with at least 'teacher'")
         if (

@@ -11,11 +11,13 @@ from automodel.recipes.data._collate import collate
 from automodel.recipes.data._loader import ShardedBatches
 from automodel.recipes.data._packing import cu_seqlens, pack
 from automodel.recipes.data._readers import DataError, read_records
+from automodel.recipes.data._streaming import StreamingBatches
 
 __all__ = [
     "IGNORE_INDEX",
     "DataError",
     "ShardedBatches",
+    "StreamingBatches",
     "build_examples",
     "check_chat_template",
     "collate",

@@ -32,7 +32,7 @@ def read_records(
         skipped = 0
     else:
         records, skipped = [], 0
-        for file in _files(Path(source.path)):
+        for file in data_files(Path(source.path)):
             got, bad = _read_file(file, on_bad_line)
             records.extend(got)
             skipped += bad
@@ -41,7 +41,12 @@ def read_records(
     return records, skipped
 
 
-def _files(path: Path) -> list[Path]:
+def data_files(path: Path) -> list[Path]:
+    """Returns the data files at ``path``: the file itself, or a folder's supported files, sorted.
+
+    Raises:
+        DataError: the path does not exist, holds no data files, or has an unsupported suffix.
+    """
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES)
         if not files:

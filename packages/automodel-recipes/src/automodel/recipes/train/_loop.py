@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from automodel.recipes.config import RecipeConfig
-from automodel.recipes.data import ShardedBatches
+from automodel.recipes.data import ShardedBatches, StreamingBatches
 from automodel.recipes.train._metrics import MetricsLogger, format_duration
 from automodel.recipes.train._output import RunDir, RunError
 from automodel.recipes.train._runtime import Runtime, all_reduce_sum
@@ -72,7 +72,7 @@ def train(
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    batches: ShardedBatches,
+    batches: ShardedBatches | StreamingBatches,
     fns: StepFunctions,
     run: RunDir,
     metrics: MetricsLogger,
