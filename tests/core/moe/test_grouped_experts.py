@@ -17,7 +17,7 @@ from automodel.core.moe import (
     moe_load_stats,
     patch_moe_experts,
 )
-from harness import MOE_MODELS, build_tiny_model
+from harness import MOE_MODELS, build_tiny_model, tiny_config
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,10 +76,13 @@ def test_kernels_none_keeps_transformers_experts(tiny_model_dir):
     assert "forward" not in vars(experts[0])  # the class's (transformers') forward
 
 
-def test_from_config_groups_experts():
-    config = build_tiny_model("mixtral").config
-    model = AutoModelForCausalLM.from_config(config)
-    assert all(getattr(m, "_automodel_grouped", False) for m in _experts(model))
+def test_from_config_groups_experts_under_an_ambient_device():
+    # the probes run on the CPU even when the model is built on meta (or "cuda") by context
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("mixtral"), dtype=torch.bfloat16)
+    experts = _experts(model)
+    assert experts[0].gate_up_proj.device.type == "meta"
+    assert all(getattr(m, "_automodel_grouped", False) for m in experts)
 
 
 def test_probe_rejects_a_layout_the_grouped_path_does_not_implement():

@@ -158,7 +158,11 @@ _FORWARDS = {
 
 
 def _probe(module: nn.Module, kind: str) -> bool:
-    """Returns True when the replacement reproduces ``module``'s forward on random fp32 inputs."""
+    """Returns True when the replacement reproduces ``module``'s forward on random fp32 inputs.
+
+    Runs on the CPU whatever the ambient default device (``with torch.device("cuda")`` or
+    ``"meta"`` around ``from_config``).
+    """
     try:
         probe: Any = copy.deepcopy(module).to(device="cpu", dtype=torch.float32)
     except (NotImplementedError, RuntimeError):  # meta tensors cannot be copied to CPU
@@ -166,11 +170,11 @@ def _probe(module: nn.Module, kind: str) -> bool:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in probe.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * 0.5)
         width = (
             probe.weight.shape[0] if kind.startswith("rms") else next(probe.parameters()).shape[1]
         )
-        x = torch.randn(2, 3, width, generator=gen)
+        x = torch.randn(2, 3, width, generator=gen, device="cpu")
         try:
             expected = probe(x)
             got = _FORWARDS[kind](probe, x)
@@ -226,8 +230,10 @@ def _patch_rotary(model: nn.Module, report: PatchReport) -> None:
 
 def _rotary_matches(fn: Any) -> bool:
     gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
-    cos, sin = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    q = torch.randn(2, 4, 5, 8, generator=gen, device="cpu")
+    k = torch.randn(2, 2, 5, 8, generator=gen, device="cpu")
+    cos = torch.randn(2, 5, 8, generator=gen, device="cpu")
+    sin = torch.randn(2, 5, 8, generator=gen, device="cpu")
     try:
         eq, ek = fn(q, k, cos, sin)
     except Exception:

@@ -95,18 +95,19 @@ def grouped_forward_matches(module: nn.Module, *, max_experts: int = 4, atol: fl
     probe: Any = copy.copy(module)
     probe._parameters = dict(module._parameters)
     probe._parameters["gate_up_proj"] = nn.Parameter(
-        torch.randn(num_experts, int(two_inter), int(hidden), generator=gen) * 0.1
+        torch.randn(num_experts, int(two_inter), int(hidden), generator=gen, device="cpu") * 0.1
     )
     probe._parameters["down_proj"] = nn.Parameter(
-        torch.randn(num_experts, int(hidden), int(two_inter) // 2, generator=gen) * 0.1
+        torch.randn(num_experts, int(hidden), int(two_inter) // 2, generator=gen, device="cpu")
+        * 0.1
     )
     if hasattr(probe, "num_experts"):
         probe.num_experts = num_experts
     top_k = min(2, num_experts)
     tokens = 6
-    x = torch.randn(tokens, int(hidden), generator=gen)
-    index = torch.rand(tokens, num_experts, generator=gen).argsort(dim=-1)[:, :top_k]
-    weights = torch.rand(tokens, top_k, generator=gen).softmax(dim=-1)
+    x = torch.randn(tokens, int(hidden), generator=gen, device="cpu")
+    index = torch.rand(tokens, num_experts, generator=gen, device="cpu").argsort(dim=-1)[:, :top_k]
+    weights = torch.rand(tokens, top_k, generator=gen, device="cpu").softmax(dim=-1)
     reference = type(module).forward
     reference = getattr(reference, "__wrapped__", reference)  # transformers' dispatch decorator
     try:
