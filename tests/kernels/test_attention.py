@@ -327,3 +327,57 @@ def test_gpu_each_sdpa_kernel_matches_an_fp64_reference() -> None:
         ref.backward(grad.double())
         for got, want in zip([out, q.grad, k.grad, v.grad], [ref, *(t.grad for t in leaves)]):
             assert _rel_err(got, want) < 1e-2, kernel
+
+
+@pytest.mark.gpu
+def test_gpu_each_sdpa_kernel_with_a_boolean_mask_matches_an_fp64_reference() -> None:
+    # Dense boolean masks (padding, windows, documents) go to cuDNN, efficient or math; every one
+    # must agree with the reference, including rows that see no key (left padding).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    batch, hq, hkv, seq, dim = 2, 8, 2, 512, 128
+    left_padded = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    left_padded[1, :100] = False
+    docs = (torch.arange(seq, device="cuda") // 160).expand(batch, seq)
+    cases: list[dict[str, Any]] = [
+        dict(window=200),
+        dict(document_ids=docs),
+        dict(key_padding_mask=left_padded, window=150),
+    ]
+    for kernel in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        for kwargs in cases:
+            q = torch.randn(batch, hq, seq, dim, device="cuda", dtype=torch.bfloat16)
+            k, v = (
+                torch.randn(batch, hkv, seq, dim, device="cuda", dtype=torch.bfloat16)
+                for _ in range(2)
+            )
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            grad = torch.randn_like(q)
+            with sdpa_kernel([kernel]):
+                out = attention(q, k, v, backend="sdpa", **kwargs)
+                out.backward(grad)
+            leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref = attention(*leaves, backend="eager", **kwargs)
+            ref.backward(grad.double())
+            for got, want in zip([out, q.grad, k.grad, v.grad], [ref, *(t.grad for t in leaves)]):
+                assert _rel_err(got, want) < 1e-2, (kernel, list(kwargs))
+
+
+@pytest.mark.gpu
+def test_gpu_flex_past_its_compile_budget_runs_sdpa_not_unfused_flex(monkeypatch, caplog) -> None:
+    from automodel.kernels.attention import flex
+
+    torch._dynamo.reset()  # a known number of compiled variants: none
+    monkeypatch.setattr(flex, "_MAX_COMPILED_VARIANTS", 1)
+    try:
+        for seq in (256, 200):  # the second length would need a second compiled variant
+            q = torch.randn(1, 8, seq, 64, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, 2, seq, 64, device="cuda", dtype=torch.bfloat16)
+            docs = (torch.arange(seq, device="cuda") // 90).unsqueeze(0)
+            got = attention(q, k, k, document_ids=docs, backend="flex")
+            want = attention(q, k, k, document_ids=docs, backend="eager")
+            assert _rel_err(got, want) < 1e-2, seq
+        assert "this call runs SDPA with a dense mask" in caplog.text
+    finally:
+        torch._dynamo.reset()

@@ -131,16 +131,20 @@ def test_traces_into_one_graph_under_torch_compile() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_registered_model_trains_like_sdpa_in_bf16() -> None:
+def test_gpu_registered_model_trains_like_eager_in_bf16() -> None:
+    # Left padding under a causal mask leaves queries that see no key. transformers' sdpa hands
+    # those rows to whichever SDPA kernel torch picks, and cuDNN's gives NaN gradients there (torch
+    # 2.11, H200), so the reference is transformers' eager attention, defined on every row.
     ids = torch.randint(5, 300, (2, 64), device="cuda")
     mask = torch.ones(2, 64, dtype=torch.long, device="cuda")
     mask[1, :7] = 0
     losses, grads = [], []
-    for impl in (NAME, "sdpa"):
+    for impl in (NAME, "eager"):
         model = _model("mistral", impl).to("cuda", torch.bfloat16).train()
         out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
         losses.append(out.loss.float())
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.float())
+    assert all(torch.isfinite(g).all() for g in grads)
     assert torch.isfinite(losses[0]) and abs(float(losses[0] - losses[1])) < 1e-2 * float(losses[1])
     assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 5e-2

@@ -23,9 +23,10 @@ from automodel.kernels.cross_entropy import _check_ce_args, ce_loss_and_grad
 
 __all__ = ["linear_cross_entropy"]
 
-# fp32 bytes of one chunk of logits the default chunk size aims for: large enough for efficient
-# matmuls, small enough to stay a fraction of the full logits at 128k vocabularies.
-_CHUNK_LOGITS_BYTES = 1 << 29
+# Bytes of one chunk of logits (in the logits' dtype) the default chunk size aims for: 256 tokens
+# of a 128k vocabulary in bf16, a tenth of the weight gradient every implementation must hold, and
+# still enough rows for the three matmuls per chunk to run near cuBLAS's peak.
+_CHUNK_LOGITS_BYTES = 1 << 26
 
 
 def linear_cross_entropy(
@@ -59,7 +60,8 @@ def linear_cross_entropy(
         z_loss_weight: weight of ``logsumexp**2`` per label token.
         softcap: logits become ``softcap * tanh(logits / softcap)`` first (Gemma 2).
         reduction: ``"mean"`` (over label tokens) or ``"sum"``.
-        chunk_size: tokens per chunk; default keeps one chunk's fp32 logits near 512 MiB.
+        chunk_size: tokens per chunk; the default keeps one chunk of logits under 64 MiB (256
+            tokens of a 128k vocabulary in bf16).
         backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``; selects the
             per-chunk loss kernel, the matmuls are cuBLAS either way.
 
@@ -105,7 +107,7 @@ def linear_cross_entropy(
     flat_labels = labels.reshape(-1)
     n_tokens = flat_hidden.shape[0]
     if chunk_size is None:
-        chunk_size = _default_chunk_size(n_tokens, weight_local.shape[0])
+        chunk_size = _default_chunk_size(n_tokens, weight_local.shape[0], hidden.element_size())
     loss, count = _ChunkedLinearCrossEntropy.apply(
         flat_hidden,
         weight_local,
@@ -154,16 +156,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if want_b
             else None
         )
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         chunk_loss = _chunk_loss_triton if opts["triton"] else _chunk_loss_torch
-        for start in range(0, hidden.shape[0], opts["chunk_size"]):
-            h = hidden[start : start + opts["chunk_size"]]
-            logits = h @ weight.T
+        chunk = opts["chunk_size"]
+        # One logits buffer for every chunk: the allocator never holds two chunks at once.
+        buffer = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            logits = buffer[: h.shape[0]]
+            torch.matmul(h, weight.T, out=logits)
             if bias is not None:
-                logits = logits + bias
+                logits.add_(bias)
             loss, dlogits = chunk_loss(
                 logits,
-                labels[start : start + opts["chunk_size"]],
+                labels[start : start + chunk],
                 scale=scale,
                 ignore_index=opts["ignore_index"],
                 label_smoothing=opts["label_smoothing"],
@@ -174,17 +180,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 vocab_start=opts["vocab_start"],
                 vocab_size=opts["vocab_size"],
             )
-            del logits
-            total += loss.sum()
+            losses[start : start + h.shape[0]] = loss
             if dlogits is None:
                 continue
             if grad_h is not None:
-                torch.matmul(dlogits, weight, out=grad_h[start : start + opts["chunk_size"]])
+                torch.matmul(dlogits, weight, out=grad_h[start : start + chunk])
             if grad_w is not None:
                 # addmm accumulates in fp32 inside cuBLAS and rounds once per chunk.
                 grad_w.addmm_(dlogits.T, h)
             if grad_b is not None:
                 grad_b.add_(dlogits.sum(dim=0, dtype=torch.float32))
+            del dlogits
+        del buffer
+        total = losses.sum()
         if grad_h is not None and group is not None:
             # Each rank holds the contribution of its vocab slice.
             dist.all_reduce(grad_h, group=group)
@@ -235,9 +243,9 @@ def _chunk_loss_triton(
     return ce_loss_and_grad_triton(logits, labels, scale=scale, **kwargs)
 
 
-def _default_chunk_size(n_tokens: int, vocab_local: int) -> int:
-    """Returns a power-of-two token count whose fp32 logits stay near ``_CHUNK_LOGITS_BYTES``."""
-    target = max(1, _CHUNK_LOGITS_BYTES // (4 * max(vocab_local, 1)))
+def _default_chunk_size(n_tokens: int, vocab_local: int, element_size: int) -> int:
+    """Returns a power-of-two token count whose logits stay under ``_CHUNK_LOGITS_BYTES``."""
+    target = max(1, _CHUNK_LOGITS_BYTES // (element_size * max(vocab_local, 1)))
     chunk = 1 << (target.bit_length() - 1)
     return max(1, min(chunk, n_tokens))
 

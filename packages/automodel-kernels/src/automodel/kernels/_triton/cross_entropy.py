@@ -3,7 +3,9 @@
 The statistics kernel reads each row of logits once (running max and sum of exponentials, the label
 logit, and the logit sum for label smoothing); the loss is assembled from these ``[N]`` vectors in
 PyTorch, where a vocab sharded over a process group is all-reduced. The gradient kernel reads the
-row again and writes ``d loss / d logits`` scaled per row, possibly in place over the logits.
+row again and writes ``d loss / d logits`` scaled per row, possibly in place over the logits. When
+the whole vocab is local (no tensor parallelism), ``linear_cross_entropy`` uses one fused kernel per
+chunk instead: statistics, loss and the gradient written over the logits, in one launch.
 """
 
 from __future__ import annotations
@@ -108,6 +110,64 @@ def _ce_grad_kernel(
         if HAS_SOFTCAP:
             g = g * (1.0 - t * t)
         tl.store(out + cols, (g * scale).to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fused_kernel(
+    LOGITS,
+    LABELS,
+    SCALE,
+    LOSS,
+    stride_row,
+    n_cols,
+    ignore_index,
+    softcap,
+    label_smoothing,
+    z_loss_weight,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One row: statistics, loss, then ``scale * d loss / d logits`` written over the row."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_row
+    label = tl.load(LABELS + row).to(tl.int64)
+    valid = label != ignore_index
+    row_max = tl.zeros([], dtype=tl.float32) - float("inf")
+    sum_exp = tl.zeros([], dtype=tl.float32)
+    z_sum = tl.zeros([], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        z = tl.where(mask, z, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(z, axis=0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        row_max = new_max
+    z_label = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_label = softcap * _tanh(z_label / softcap)
+    lse = row_max + tl.log(sum_exp)
+    loss = (1.0 - label_smoothing) * (lse - z_label) + label_smoothing * (lse - z_sum / n_cols)
+    loss += z_loss_weight * lse * lse
+    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+    scale = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
+    softmax_coef = 1.0 + 2.0 * z_loss_weight * lse
+    # The label logit was read above, before this loop overwrites the row.
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = _tanh(z / softcap)
+            z = softcap * t
+        g = tl.exp(z - lse) * softmax_coef - label_smoothing / n_cols
+        g = tl.where(cols == label, g - (1.0 - label_smoothing), g)
+        if HAS_SOFTCAP:
+            g = g * (1.0 - t * t)
+        tl.store(base + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
 def _block_v(n_cols: int) -> int:
@@ -300,6 +360,26 @@ def ce_loss_and_grad_triton(
     caller owns that buffer: a chunk of logits computed for this call).
     """
     logits, labels = _rows(logits), labels.contiguous()
+    if want_grad and group is None and logits.is_contiguous():
+        # The whole vocab is here: one kernel reads each row for its statistics and rewrites it as
+        # its gradient (the second read mostly hits L2).
+        loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        _ce_fused_kernel[(logits.shape[0],)](
+            logits,
+            labels,
+            scale.to(torch.float32),
+            loss,
+            logits.stride(0),
+            logits.shape[1],
+            ignore_index,
+            softcap if softcap is not None else 1.0,
+            label_smoothing,
+            z_loss_weight,
+            HAS_SOFTCAP=softcap is not None,
+            BLOCK_V=_block_v(logits.shape[1]),
+            num_warps=8,
+        )
+        return loss, logits
     total_vocab = vocab_size if vocab_size is not None else logits.shape[1]
     stats = _stats(logits, labels, ignore_index, softcap, bool(label_smoothing), vocab_start)
     loss, lse = _loss_from_stats(

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from automodel.kernels.attention.eager import eager_attention
 from automodel.kernels.attention.masks import MaskSpec, allowed
+from automodel.kernels.attention.sdpa import sdpa_attention
+
+# Compiled variants (sequence lengths, mask patterns, softcap values) kept per process before
+# FlexAttention gives way to SDPA: each variant costs a compilation and a guard check per call.
+_MAX_COMPILED_VARIANTS = 64
+
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -16,16 +25,35 @@ def _compiled_flex() -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import flex_attention
 
     # FlexAttention is only fast (and only memory-light) when compiled: the eager version
-    # materializes the full score matrix. Default dynamic-shape handling: a second sequence length
-    # compiles one dynamic graph instead of recompiling per length (and hitting the recompile limit).
-    return torch.compile(flex_attention)
+    # materializes the full score matrix. Static shapes (dynamic=False): with dynamic shapes torch
+    # 2.11 fails to lower flex_attention for a second sequence length (NoValidChoicesError) and
+    # turns the softcap and scale floats into unbacked symbols it cannot trace. Each new length
+    # compiles once; see _compile_budget for what happens past _MAX_COMPILED_VARIANTS.
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.cache
 def _compiled_create_block_mask() -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask)
+    return torch.compile(create_block_mask, dynamic=False)
+
+
+def _compile_budget() -> Any:
+    """Returns a context in which dynamo keeps ``_MAX_COMPILED_VARIANTS`` graphs, then raises.
+
+    Past its recompile limit dynamo would otherwise run the function uncompiled, and uncompiled
+    FlexAttention materializes the full score matrix; raising lets the caller take SDPA instead.
+    """
+    return torch._dynamo.config.patch(
+        recompile_limit=_MAX_COMPILED_VARIANTS,
+        fail_on_recompile_limit_hit=True,
+    )
+
+
+def _recompile_limit_error() -> type[Exception]:
+    """Returns the exception dynamo raises past its recompile limit under ``_compile_budget``."""
+    return torch._dynamo.exc.FailOnRecompileLimitHit
 
 
 class _BlockMaskCache:
@@ -79,15 +107,15 @@ def _create_block_mask(spec: MaskSpec, batch: int, device: torch.device) -> Any:
             key_padding_mask=key_padding_mask,
         )
 
-    make = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
-    return make(
-        mask_mod,
-        batch if spec.batch_dependent else None,
-        None,
-        spec.q_len,
-        spec.kv_len,
-        device=device,
-    )
+    args = (mask_mod, batch if spec.batch_dependent else None, None, spec.q_len, spec.kv_len)
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return create_block_mask(*args, device=device)
+    try:
+        with _compile_budget():
+            return _compiled_create_block_mask()(*args, device=device)
+    except _recompile_limit_error():
+        # Uncompiled, the mask is built from a dense [B, 1, Sq, Sk] grid: correct, more memory.
+        return create_block_mask(*args, device=device)
 
 
 _CACHE = _BlockMaskCache()
@@ -104,9 +132,15 @@ def flex_attention(
 ) -> torch.Tensor:
     """Returns FlexAttention's output ``[B, Hq, Sq, D]`` for the pattern ``spec``.
 
-    Compiled on CUDA. On CPU it runs uncompiled and forward-only (torch has no CPU backward for it).
-    The block mask is cached across calls that share the same mask tensors (all layers of a step).
+    Compiled on CUDA with static shapes (one compilation per new sequence length or pattern; past
+    ``_MAX_COMPILED_VARIANTS`` of them the call goes to SDPA, or to the eager reference for
+    softcap, with a warning: never to FlexAttention's unfused fallback). Inside a compiled model it
+    is traced into the caller's graph. On CPU it runs uncompiled and forward-only (torch has no CPU
+    backward for it). The block mask is cached across calls that share the same mask tensors (all
+    layers of a step).
     """
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
     block_mask = None
     if spec.needs_mask:
         if torch.compiler.is_compiling():
@@ -127,17 +161,22 @@ def flex_attention(
         ) -> torch.Tensor:
             return torch.tanh(score / cap) * cap
 
-    if q.device.type == "cuda":
-        fn = _compiled_flex()
-    else:
-        from torch.nn.attention.flex_attention import flex_attention as fn
-    out = fn(
-        q,
-        k,
-        v,
-        score_mod=score_mod,
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
+    kwargs: dict[str, Any] = dict(
+        score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
-    return out
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return flex(q, k, v, **kwargs)  # type: ignore[no-any-return]
+    try:
+        with _compile_budget():
+            return _compiled_flex()(q, k, v, **kwargs)  # type: ignore[no-any-return]
+    except _recompile_limit_error():
+        logger.warning(
+            "attention: FlexAttention reached %d compiled variants (sequence lengths x mask "
+            "patterns); this call runs %s instead. Pad batches to a few fixed lengths to stay on "
+            "FlexAttention.",
+            _MAX_COMPILED_VARIANTS,
+            "the eager reference (softcap)" if softcap is not None else "SDPA with a dense mask",
+        )
+    if softcap is not None:
+        return eager_attention(q, k, v, spec, scale=scale, softcap=softcap)
+    return sdpa_attention(q, k, v, spec, scale=scale)
