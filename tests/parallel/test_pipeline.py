@@ -154,22 +154,43 @@ def test_pipeline_schedules_equal_single_process() -> None:
     assert "needs pp_microbatches >= pp=2" in messages[2]
 
 
-def _pp_fsdp_matches_single_process(rank: int, world_size: int, device: str = "cpu") -> list[float]:
-    """PP=2 x FSDP=2: each stage goes through ``parallelize`` (FSDP2 per block and root)."""
-    config = ParallelConfig(pp=2, dp_shard=2, pp_schedule="1f1b", pp_microbatches=2)
+_PP_3D_CASES: dict[str, dict[str, Any]] = {
+    "pp+fsdp": dict(pp=2, dp_shard=2, pp_schedule="1f1b", pp_microbatches=2),
+    "pp+tp+sp": dict(
+        pp=2, dp_shard=1, tp=2, sequence_parallel=True, pp_schedule="1f1b", pp_microbatches=2
+    ),
+}
+
+
+def _pp_3d_matches_single_process(
+    rank: int, world_size: int, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """PP=2 x FSDP=2 and PP=2 x TP=2 (+SP): each stage goes through ``parallelize``."""
+    return {
+        name: _pp_parallelized_matches_single_process(ParallelConfig(**kwargs), name, device)
+        for name, kwargs in _PP_3D_CASES.items()
+    }
+
+
+def _pp_parallelized_matches_single_process(
+    config: ParallelConfig, name: str, device: str
+) -> list[float]:
+    """Three AdamW steps of ``config`` (pp x dp x tp) against the single-process model."""
     mesh = build_mesh(config, device_type=device)
     dp_mesh = mesh["dp"]
+    dp = dp_mesh.size()
 
     reference = _model("llama", 4, tied=False).to(device)
     model = copy.deepcopy(reference)
     stages, schedule = pipeline(
         model, config, mesh, parallelize_fn=lambda stage: parallelize(stage, config, mesh)
     )
-    assert all(isinstance(p, DTensor) for s in stages for p in s.parameters())
+    plain = [n for s in stages for n, p in s.named_parameters() if not isinstance(p, DTensor)]
+    assert plain == [], f"{name}: parameters left out of the mesh: {plain}"
     # equal label counts per data-parallel rank
-    input_ids, labels = (t.to(device) for t in _batch(4, 10, mask_some=False))
+    input_ids, labels = (t.to(device) for t in _batch(4, 12, mask_some=False))
     dp_rank = dp_mesh.get_local_rank()
-    local_ids, local_labels = input_ids.chunk(2)[dp_rank], labels.chunk(2)[dp_rank]
+    local_ids, local_labels = input_ids.chunk(dp)[dp_rank], labels.chunk(dp)[dp_rank]
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
     opt = torch.optim.AdamW([p for s in stages for p in s.parameters()], lr=1e-2)
     losses = []
@@ -179,10 +200,10 @@ def _pp_fsdp_matches_single_process(rank: int, world_size: int, device: str = "c
         loss = schedule.step(local_ids, local_labels)
         if loss is not None:
             dist.all_reduce(loss, group=dp_mesh.get_group())
-            loss /= 2
+            loss /= dp
             torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=1e-5)
             losses.append(float(loss))
-        _check_grads(stages, reference, step, f"pp+fsdp step {step}")
+        _check_grads(stages, reference, step, f"{name} step {step}")
         ref_opt.step()
         ref_opt.zero_grad()
         opt.step()
@@ -191,11 +212,12 @@ def _pp_fsdp_matches_single_process(rank: int, world_size: int, device: str = "c
 
 
 @pytest.mark.slow
-def test_pipeline_with_fsdp_equals_single_process() -> None:
-    results = run_distributed(_pp_fsdp_matches_single_process, 4, timeout=480)
-    # ranks 2 and 3 (pp rank 1) hold the last stage
-    assert results[0] == [] and results[1] == []
-    assert len(results[2]) == _STEPS and results[2] == results[3]
+def test_pipeline_with_fsdp_and_with_tp_sp_equal_single_process() -> None:
+    results = run_distributed(_pp_3d_matches_single_process, 4, timeout=480)
+    for name in _PP_3D_CASES:
+        # ranks 2 and 3 (pp rank 1) hold the last stage
+        assert results[0][name] == [] and results[1][name] == [], name
+        assert len(results[2][name]) == _STEPS and results[2][name] == results[3][name], name
 
 
 def _bad_configs(mesh: Any) -> list[str]:
@@ -277,7 +299,7 @@ def _gpu_main(check: str) -> None:
     if check == "schedules":
         _pp_matches_single_process(rank, world, cases=_CASES, device="cuda")
     else:
-        _pp_fsdp_matches_single_process(rank, world, device="cuda")
+        _pp_3d_matches_single_process(rank, world, device="cuda")
     dist.destroy_process_group()
 
 

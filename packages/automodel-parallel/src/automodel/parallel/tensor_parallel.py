@@ -181,9 +181,19 @@ def tensor_parallel_plan(
             "pass plan={fqn_pattern: style} (and blocks='model.layers') to parallelize"
         )
     in_blocks = {fqn for fqn, _ in found_blocks}
+    embedding, head = _embedding_and_head(model, in_blocks)
+    # Without an LM head after the blocks (a pipeline stage before the last, a bare body), the
+    # hidden states leave the model: gather them back to the full sequence at the last block.
+    gather_output = sequence_parallel and head is None
     for i, (block_fqn, block) in enumerate(found_blocks):
-        if sequence_parallel and i == 0:
-            plan[block_fqn] = _PrepareHidden(input_from=Replicate(), input_to=Shard(1))
+        first, last = i == 0, i == len(found_blocks) - 1
+        if sequence_parallel and (first or (last and gather_output)):
+            plan[block_fqn] = _PrepareHidden(
+                input_from=Replicate() if first else None,
+                input_to=Shard(1) if first else None,
+                output_from=Shard(1) if last and gather_output else None,
+                output_to=Replicate() if last and gather_output else None,
+            )
         for name, module in block.named_modules():
             fqn = f"{block_fqn}.{name}" if name else block_fqn
             if _is_fused_attention(module) or _linear(module, "gate_up_proj") is not None:
@@ -220,10 +230,9 @@ def tensor_parallel_plan(
                 )
             elif sequence_parallel and _is_norm(module) and not _inside_attention(block, name):
                 plan[fqn] = SequenceParallel(use_local_output=True)
-    embedding, head = _embedding_and_head(model, in_blocks)
     if embedding is not None:
         plan[embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    if sequence_parallel:
+    if sequence_parallel and not gather_output:
         for fqn, module in model.named_modules():
             if _is_norm(module) and not any(fqn.startswith(b + ".") for b in in_blocks):
                 plan[fqn] = SequenceParallel(use_local_output=True)
@@ -260,7 +269,11 @@ def _check_heads(fqn: str, attn: nn.Module, tp: int) -> None:
 
 
 def _embedding_and_head(model: nn.Module, in_blocks: set[str]) -> tuple[str | None, str | None]:
-    """Returns the FQNs of the input embedding and of the LM head (vocab-sized Linear)."""
+    """Returns the FQNs of the input embedding and of the LM head (vocab-sized Linear).
+
+    Without an input embedding (a pipeline stage after the first), the LM head is the last
+    Linear outside the blocks, if any.
+    """
     embedding = vocab = None
     for fqn, module in model.named_modules():
         if any(fqn.startswith(b + ".") for b in in_blocks):
@@ -268,11 +281,15 @@ def _embedding_and_head(model: nn.Module, in_blocks: set[str]) -> tuple[str | No
         if isinstance(module, nn.Embedding) and (vocab is None or module.num_embeddings > vocab):
             embedding, vocab = fqn, module.num_embeddings
     head = None
-    if vocab is not None:
-        for fqn, module in model.named_modules():
-            outside = not any(fqn.startswith(b + ".") for b in in_blocks)
-            if isinstance(module, nn.Linear) and module.out_features == vocab and outside:
-                head = fqn
+    for fqn, module in model.named_modules():
+        outside = not any(fqn.startswith(b + ".") for b in in_blocks)
+        # The last pipeline stage has a head but no embedding: take its last Linear outside blocks.
+        if (
+            isinstance(module, nn.Linear)
+            and outside
+            and module.out_features == (vocab or module.out_features)
+        ):
+            head = fqn
     return embedding, head
 
 
