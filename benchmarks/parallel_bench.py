@@ -15,8 +15,10 @@ Variants, each in its own torchrun job (a crash or OOM in one does not stop the 
   parallelized with FSDP2 (``pipeline(..., parallelize_fn=parallelize)``).
 
 Model: Llama-3.1-8B shape (hidden 4096, FFN 14336, 32 layers, 32 heads, 8 KV heads, vocab 128256,
-untied), random init, bf16 parameters, FSDP mixed precision bf16 compute / fp32 reduce, AdamW,
-SDPA attention, no activation checkpointing, seq 4096, 3 warm-up + 8 timed steps. Every variant
+untied), built on meta, parallelized there, then initialized shard by shard on the GPU in bf16;
+bf16 parameters, FSDP mixed precision bf16 compute / fp32 reduce, AdamW, SDPA attention, no
+activation checkpointing (about 50 GiB per GPU expected), seq 4096, 3 warm-up + 10 timed steps,
+each variant in its own torchrun job with a timeout (``--timeout``, 150 s). Every variant
 processes as many sequences per step as there are GPUs: a data-parallel rank that spans 2 GPUs
 (a TP pair, or a pipeline of 2 stages as 2 microbatches) takes 2 sequences.
 
@@ -34,13 +36,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 VARIANTS = ["torch_fsdp2", "fsdp", "fsdp_tp2", "fsdp_pp2"]
-SEQ, WARMUP, STEPS, PEAK_TFLOPS = 4096, 3, 8, 989.0
+SEQ, WARMUP, STEPS, PEAK_TFLOPS = 4096, 3, 10, 989.0
 SHAPE = dict(
     vocab_size=128256,
     hidden_size=4096,
@@ -80,6 +85,38 @@ SMOKE_SHAPE = dict(
 )
 
 
+def _init_weights(modules: list[Any], config: Any, device: Any) -> None:
+    """Materializes meta ``modules`` on ``device``: random matrices, unit norms, fresh rotary tables.
+
+    Each rank fills its own shards (values differ across ranks; a throughput benchmark does not
+    care), so no full-size tensor is ever built.
+    """
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    for module in modules:
+        module.to_empty(device=device)
+    with torch.no_grad():
+        seen: set[int] = set()
+        for module in modules:
+            for param in module.parameters():
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                local = param.to_local() if isinstance(param, DTensor) else param
+                if param.ndim >= 2:
+                    local.normal_(0.0, 0.02)
+                else:
+                    local.fill_(1.0)
+            for sub in module.modules():
+                # rotary inv_freq buffers are not parameters: recompute them from the config
+                if "inv_freq" in sub._buffers:
+                    with torch.device("cpu"):
+                        fresh = type(sub)(config)
+                    for name, buf in fresh.named_buffers(recurse=False):
+                        sub._buffers[name] = buf.to(device)
+
+
 def _run_variant(variant: str, smoke: bool) -> dict:
     import torch
     import torch.distributed as dist
@@ -93,9 +130,9 @@ def _run_variant(variant: str, smoke: bool) -> dict:
     cuda = torch.cuda.is_available() and not smoke
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    torch.manual_seed(0)
     config = LlamaConfig(**shape, attn_implementation="sdpa")
-    with device:
+    # Built on meta (no memory), parallelized there, then materialized shard by shard on device.
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.train()
 
@@ -109,58 +146,58 @@ def _run_variant(variant: str, smoke: bool) -> dict:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         dp_size, dp_rank, microbatches = world, rank, 1
-        params = list(model.parameters())
-        schedule = None
+        modules, schedule = [model], None
     else:
-        sizes = {"fsdp": {}, "fsdp_tp2": {"tp": 2, "sequence_parallel": True}}.get(variant)
         common = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
         if variant == "fsdp_pp2":
             from automodel.parallel.pipeline import pipeline
 
             pconf = ParallelConfig(pp=2, pp_schedule="1f1b", pp_microbatches=2, **common)
-            mesh = build_mesh(pconf)
-            stages, schedule = pipeline(
+            mesh = build_mesh(pconf, device_type=device.type)
+            modules, schedule = pipeline(
                 model, pconf, mesh, parallelize_fn=lambda m: parallelize(m, pconf, mesh)
             )
-            params = [p for s in stages for p in s.parameters()]
             microbatches = 2
         else:
-            assert sizes is not None, variant
+            sizes = {"fsdp": {}, "fsdp_tp2": {"tp": 2, "sequence_parallel": True}}[variant]
             pconf = ParallelConfig(**sizes, **common)
-            mesh = build_mesh(pconf)
+            mesh = build_mesh(pconf, device_type=device.type)
             parallelize(model, pconf, mesh)
-            params = list(model.parameters())
-            schedule, microbatches = None, 1
+            modules, schedule, microbatches = [model], None, 1
         dp_size, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
+    _init_weights(modules, config, device)
+    params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
     # One sequence per GPU per step: a dp rank gets (GPUs per dp rank) sequences.
     per_dp = world // dp_size
     assert per_dp % microbatches == 0, (per_dp, microbatches)
     gen = torch.Generator(device="cpu").manual_seed(1234 + dp_rank)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         ids = torch.randint(0, shape["vocab_size"], (per_dp, seq), generator=gen).to(device)
         if schedule is not None:
             loss = schedule.step(ids, ids)
-            value = float(loss) if loss is not None else float("nan")
+            if loss is None:  # a rank without the last stage
+                loss = torch.tensor(float("-inf"), device=device)
         else:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            value = float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return value
+        return loss.detach().float()
 
-    warmup, steps = (1, 1) if smoke else (WARMUP, STEPS)
+    warmup, steps = (1, 2) if smoke else (WARMUP, STEPS)
     for _ in range(warmup):
         step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    losses = [step() for _ in range(steps)]
+    losses = [step() for _ in range(steps)]  # no host sync inside the timed loop
     sync()
     elapsed = time.perf_counter() - start
+    last_loss = losses[-1].clone()
+    dist.all_reduce(last_loss, op=dist.ReduceOp.MAX)  # from a rank holding the last stage
     tokens = per_dp * seq * dp_size * steps  # global tokens processed
     tps_gpu = tokens / elapsed / world
     peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, device=device)
@@ -171,7 +208,7 @@ def _run_variant(variant: str, smoke: bool) -> dict:
         "mfu": tps_gpu * _flops_per_token(shape, seq) / (PEAK_TFLOPS * 1e12),
         "peak_gib": peak.item(),
         "step_s": elapsed / steps,
-        "last_loss": losses[-1],
+        "last_loss": last_loss.item(),
         "gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke)",
         "torch": torch.__version__,
     }
@@ -180,43 +217,74 @@ def _run_variant(variant: str, smoke: bool) -> dict:
     return result
 
 
-def _orchestrate(variants: list[str], nproc: int, smoke: bool) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_job(cmd: list[str], log: Path, timeout: float) -> str:
+    """Runs ``cmd`` in its own process group; returns "" on success, else why it failed."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"timed out after {timeout:.0f}s"
+    return "" if code == 0 else f"exit {code}"
+
+
+def _orchestrate(variants: list[str], nproc: int, smoke: bool, timeout: float) -> None:
     out = Path(os.environ.get("OUT") or "bench_out")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    env_note = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     for variant in variants:
         log = out / f"parallel_{variant}.log"
         result_file = out / f"parallel_{variant}.json"
         result_file.unlink(missing_ok=True)
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            "--master-port=29533", __file__, "--variant", variant, "--result", str(result_file),
+            f"--master-port={_free_port()}", __file__, "--variant", variant,
+            "--result", str(result_file),
         ] + (["--smoke"] if smoke else [])  # fmt: skip
         start = time.time()
-        with open(log, "w") as f:
-            code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=1200)
-        if code == 0 and result_file.exists():
-            rows.append(json.loads(result_file.read_text()))
+        failure = _run_job(cmd, log, timeout)
+        if not failure and result_file.exists():
+            row = json.loads(result_file.read_text())
         else:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            rows.append({"variant": variant, "error": f"exit {code}: " + " | ".join(tail)[-300:]})
-        print(f"{variant}: done in {time.time() - start:.0f}s", flush=True)
+            row = {"variant": variant, "error": f"{failure or 'no result'}: " + " | ".join(tail)}
+            row["error"] = row["error"][-300:].replace("|", "/")
+        row["wall_s"] = time.time() - start
+        rows.append(row)
+        print(f"{variant}: done in {row['wall_s']:.0f}s", flush=True)
+    (out / "parallel_bench.json").write_text(json.dumps(rows, indent=1))
     base = next((r for r in rows if r["variant"] == "torch_fsdp2" and "error" not in r), None)
+    shape = "tiny smoke shape on CPU" if smoke else f"Llama-3.1-8B shape, seq {SEQ}"
     lines = [
-        f"Llama-3.1-8B shape, seq {SEQ}, {nproc} GPUs, bf16 params, fp32 reduce, AdamW(fused); "
-        f"MFU = 6 x matmul params + 12 x L x H x S per token over {PEAK_TFLOPS:.0f} TFLOP/s",
+        f"{shape}, {nproc} ranks, bf16 params, fp32 reduce, AdamW, no activation checkpointing, "
+        f"{WARMUP} warm-up + {STEPS} timed steps, {env_note}; MFU = 6 x matmul params + "
+        f"12 x L x H x S per token over {PEAK_TFLOPS:.0f} TFLOP/s",
         "",
-        "| variant | tokens/s/GPU | vs torch FSDP2 | MFU | peak GiB | step s | GPU |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | tokens/s/GPU | vs torch FSDP2 | MFU | peak GiB | step s | loss | wall s | GPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | |")
+            lines.append(
+                f"| {r['variant']} | failed: {r['error']} | | | | | | {r['wall_s']:.0f} | |"
+            )
             continue
         ratio = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.3f}" if base else "-"
         lines.append(
             f"| {r['variant']} | {r['tokens_per_s_per_gpu']:,.0f} | {ratio} | {r['mfu']:.1%} | "
-            f"{r['peak_gib']:.1f} | {r['step_s']:.2f} | {r['gpu']} |"
+            f"{r['peak_gib']:.1f} | {r['step_s']:.2f} | {r['last_loss']:.3f} | "
+            f"{r['wall_s']:.0f} | {r['gpu']} |"
         )
     table = "\n".join(lines)
     (out / "parallel_bench.md").write_text(table + "\n")
@@ -230,9 +298,10 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (gloo)")
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds per variant")
     args = parser.parse_args()
     if args.variant is None:
-        _orchestrate(args.variants.split(","), args.nproc, args.smoke)
+        _orchestrate(args.variants.split(","), args.nproc, args.smoke, args.timeout)
         return
     result = _run_variant(args.variant, args.smoke)
     if int(os.environ.get("RANK", "0")) == 0 and args.result is not None:
