@@ -1,35 +1,36 @@
-"""Single-GPU training step of a Qwen3-30B-A3B-shaped MoE (fewer layers): automodel vs its peers.
+"""Training step of a Qwen3-30B-A3B-shaped MoE (fewer layers): automodel vs its peers, 1 to 4 GPUs.
 
     # on a GPU machine, from the repository root (packages need not be installed):
     PYTHONPATH=$(ls -d packages/*/src | tr '\\n' :)tests python benchmarks/moe_bench.py
     # one variant by hand, or another size:
     python benchmarks/moe_bench.py --variant automodel --layers 4 --seq 2048
-    # check the script itself (tiny shape, CPU, 2 steps):
+    # check the script itself (tiny shape, CPU fp32, EP over gloo; every variant, 2 steps):
     uv run python benchmarks/moe_bench.py --smoke
 
-Variants, each in its own subprocess (a crash or OOM in one does not stop the others):
+Variants, each in its own subprocess with its own timeout (``--timeout``, default 150 s; a crash,
+OOM or hang in one does not stop the others). Every model is built directly on its device
+(``with torch.device("cuda")``: random init on the GPU, in bf16), never on the CPU first:
 
-- ``hf_eager_loop``: ``transformers.AutoModelForCausalLM.from_config(...,
-  experts_implementation="eager")``: transformers' Python loop over the experts hit. On a
-  transformers without ``experts_implementation`` the plain default forward (that same loop).
-- ``hf_grouped_mm``: the same with ``experts_implementation="grouped_mm"`` (transformers' own
-  ``torch._grouped_mm`` path; skipped where transformers lacks the option). Which one transformers
-  picks by default is recorded as ``transformers_default_experts`` (5.24: ``grouped_mm``).
-- ``automodel``: ``automodel.core.AutoModelForCausalLM.from_config(config, dtype=bf16)``. Qwen3-MoE
-  has no optimized class yet, so this is the kernel-patched transformers fallback; when the
-  returned model's experts are not already grouped, this script calls
-  ``automodel.core.moe.patch_moe_experts`` itself (the row's ``note`` says which happened).
-- ``nemo``: NeMo AutoModel 0.7.0, ``NeMoAutoModelForCausalLM.from_config(config, dtype=bf16)``
-  then ``.cuda()``; its forward returns logits only, so the loss is the same shifted
-  cross-entropy computed here in fp32. Skipped, with the import error as the note, when absent.
-
-Optional peers live in their own folders: ``$NEMO_SITE`` (and ``$LIGER_SITE``, NeMo's optional
-Liger dependency) are prepended to ``PYTHONPATH`` only in the ``nemo`` subprocess.
+- ``automodel``: ``automodel.core.AutoModelForCausalLM.from_config(config, dtype=bf16)``: the
+  kernel-patched transformers class, its experts run as grouped GEMMs (``torch._grouped_mm``).
+- ``transformers``: ``transformers.AutoModelForCausalLM.from_config(config, dtype=bf16)`` as
+  shipped; the experts implementation it picked is recorded in the row.
+- ``nemo``: NeMo AutoModel 0.7.0, ``NeMoAutoModelForCausalLM.from_config(config,
+  dtype=bf16)`` under the same device context; its forward returns logits only, so the loss is
+  the same shifted cross-entropy computed here in fp32. Skipped, with the import error as the note,
+  when absent. ``$NEMO_SITE`` (and ``$LIGER_SITE``) are prepended to ``PYTHONPATH`` only in its
+  subprocess.
+- ``ep2``, ``ep4``: automodel with expert parallelism over 2 / 4 GPUs through ``torchrun``:
+  ``from_config(config, parallel=ParallelConfig(dp_shard=-1, ep=N))`` (experts sharded over the
+  ``ep`` ranks, FSDP2 over the same ranks for the rest), a different batch per rank; tokens/s is
+  per GPU and peak memory the largest of the ranks. Skipped when fewer GPUs are visible.
+- ``transformers_eager_loop``: transformers with ``experts_implementation="eager"`` (its Python
+  loop over the experts hit); last, the slowest.
 
 Model: Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32 heads x 128
 head_dim, 4 KV heads, vocab 151936, untied) with ``--layers`` (default 8) decoder layers, random
-init (seed 0, on the CPU, then moved to the GPU), bf16 parameters, AdamW(fused=True), seq 4096 x
-batch 1, 3 warm-up + 8 timed steps.
+init (seed 0; automodel and transformers build the same weights, so their first losses agree),
+bf16 parameters, AdamW (fused on one GPU), seq 4096 x batch 1, 3 warm-up + 8 timed steps.
 MFU: see :func:`active_flops_per_token` (BENCHMARKS.md convention, active experts only);
 peak 989 TFLOP/s (H100 SXM / H200 dense bf16).
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,8 +52,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-# the slowest (the eager loop) last, so a tight overall time limit loses the least
-VARIANTS = ["automodel", "hf_grouped_mm", "nemo", "hf_eager_loop"]
+VARIANTS = ["automodel", "transformers", "nemo", "ep2", "ep4", "transformers_eager_loop"]
+EP_SIZES = {"ep2": 2, "ep4": 4}
 PEAK_TFLOPS = 989.0
 SHAPE: dict[str, Any] = dict(  # Qwen3-30B-A3B, all layers MoE
     vocab_size=151936,
@@ -100,9 +102,8 @@ def active_flops_per_token(config: Any, seq_len: int) -> float:
     - the LM head ``vocab x hidden`` (input embedding excluded: a lookup; untied here).
 
     ``attn_width`` is ``heads x head_dim`` (4096 for Qwen3-30B-A3B, twice its hidden size), the
-    width the QK^T and PV products actually run at; for Llama shapes it equals the hidden size of
-    the BENCHMARKS.md wording. No causal discount, no recompute. This matches
-    ``automodel.core.flops_per_token``, which the smoke run checks.
+    width the QK^T and PV products actually run at. No causal discount, no recompute. This
+    matches ``automodel.core.flops_per_token``, which the smoke run checks.
 
     Example (Qwen3-30B-A3B shape, 8 layers, seq 4096): about 6.2 GFLOP/token.
     """
@@ -119,71 +120,73 @@ def active_flops_per_token(config: Any, seq_len: int) -> float:
     return float(6 * n_active + 12 * layers * heads * head_dim * seq_len)
 
 
-def _experts_impl(model: Any) -> str | None:
-    return getattr(model.config, "_experts_implementation", None)
+class _Skip(Exception):
+    """The variant cannot run here (missing package, option or GPUs); its message is the note."""
 
 
-def _build(variant: str, config: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
-    """Returns (model on the CPU, extra fields for the result row).
-
-    Every variant is initialized on the CPU from the same seed (transformers' and automodel's
-    variants then hold identical weights, so their first-step losses must agree) and moved to
-    the GPU by the caller. Building under ``with torch.device("cuda")`` would be faster but
-    automodel's fallback probes its kernels with CPU generators, which that context breaks.
-    """
+def _build(variant: str, config: Any, dtype: Any, device: Any) -> tuple[Any, dict[str, Any]]:
+    """Returns (model built on ``device`` in ``dtype``, extra fields for the result row)."""
     import torch
     import transformers
 
     info: dict[str, Any] = {}
-    if variant.startswith("hf"):
-        impl = "eager" if variant == "hf_eager_loop" else "grouped_mm"
-        try:
-            model = transformers.AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation="sdpa", experts_implementation=impl
-            )
-        except TypeError as exc:  # a transformers without experts_implementation
-            if variant == "hf_grouped_mm":
+    if variant.startswith("transformers"):
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if variant == "transformers_eager_loop":
+            kwargs["experts_implementation"] = "eager"
+        with device:
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+            except TypeError as exc:  # a transformers without experts_implementation
+                if "experts_implementation" not in kwargs:
+                    raise
                 raise _Skip(f"transformers {transformers.__version__}: {exc}") from exc
-            model = transformers.AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation="sdpa"
-            )
-            info["note"] = "no experts_implementation option: default forward"
-        info["experts_implementation"] = _experts_impl(model)
-        default = getattr(model, "get_correct_experts_implementation", None)
-        if default is not None:
-            info["transformers_default_experts"] = default(None)
+        info["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+        info["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
         return model, info
     if variant == "nemo":
         try:
             from nemo_automodel import NeMoAutoModelForCausalLM
         except Exception as exc:  # any import failure: not available here
             raise _Skip(f"{type(exc).__name__}: {exc}") from exc
-        try:
-            model = NeMoAutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        except Exception as exc:
-            text = str(exc).lower()
-            if not any(w in text for w in ("process group", "distributed", "init_process_group")):
-                raise
-            _init_single_rank()  # its MoE wants a process group: give it a 1-rank one
-            model = NeMoAutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-            info["note"] = "1-rank process group initialized"
+        with device:
+            try:
+                model = NeMoAutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            except Exception as exc:
+                text = str(exc).lower()
+                if not any(w in text for w in ("process group", "distributed", "init_process")):
+                    raise
+                _init_single_rank()  # its MoE wants a process group: give it a 1-rank one
+                model = NeMoAutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+                info["note"] = "1-rank process group initialized"
+        model = model.to(device=device, dtype=dtype)  # NeMo may keep some buffers elsewhere
+        backend = getattr(model, "backend", None)
+        if backend is not None:
+            info["nemo_backend"] = (
+                f"experts={getattr(backend, 'experts', '?')}, "
+                f"dispatcher={getattr(backend, 'dispatcher', '?')}, "
+                f"attn={getattr(backend, 'attn', '?')}, linear={getattr(backend, 'linear', '?')}"
+            )
         return model, info
     from automodel.core import AutoModelForCausalLM
-    from automodel.core.moe import is_experts_module, patch_moe_experts
+    from automodel.core.moe import is_experts_module
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    parallel = None
+    if variant in EP_SIZES:
+        from automodel.parallel import ParallelConfig
+
+        parallel = ParallelConfig(dp_shard=-1, ep=EP_SIZES[variant])
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, parallel=parallel)
     experts = [m for m in model.modules() if is_experts_module(m)]
-    if experts and all(getattr(m, "_automodel_grouped", False) for m in experts):
-        info["note"] = "experts grouped by from_config"
-    else:
-        patch_moe_experts(model)
-        info["note"] = "patch_moe_experts called by the bench (from_config does not yet)"
-    info["model_class"] = f"{type(model).__module__}.{type(model).__name__}"
+    grouped = sum(bool(getattr(m, "_automodel_grouped", False)) for m in experts)
+    info["note"] = f"{grouped}/{len(experts)} experts modules grouped by from_config"
+    if parallel is not None:
+        info["note"] = (
+            f"ep={EP_SIZES[variant]} x fsdp over {EP_SIZES[variant]} GPUs; experts run by "
+            f"automodel.parallel's all-to-all forward ({grouped}/{len(experts)} grouped)"
+        )
     return model, info
-
-
-class _Skip(Exception):
-    """The variant cannot run here (missing package or option); its message is the note."""
 
 
 def _init_single_rank() -> None:
@@ -214,31 +217,53 @@ def _loss(model: Any, ids: Any, variant: str) -> Any:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Returns the measured row of one variant (run in its own process)."""
+def _init_ep(variant: str, smoke: bool) -> tuple[int, int]:
+    """Initializes the process group of an ``epN`` variant under torchrun; returns (rank, world)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != EP_SIZES[variant]:
+        raise RuntimeError(f"{variant} must run under torchrun with {EP_SIZES[variant]} ranks")
+    rank = int(os.environ["RANK"])
+    if not smoke:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("gloo" if smoke else "nccl")
+    return rank, world
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Returns the measured row of one variant (run in its own process; None on ranks > 0)."""
     import torch
     import transformers
 
+    rank, world = _init_ep(variant, args.smoke) if variant in EP_SIZES else (0, 1)
     shape = {**(SMOKE_SHAPE if args.smoke else SHAPE), "num_hidden_layers": args.layers}
-    device = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if args.smoke else torch.bfloat16
     config = transformers.Qwen3MoeConfig(**shape)
     row: dict[str, Any] = {"variant": variant, "transformers": transformers.__version__}
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, info = _build(variant, config, dtype)
+    model, info = _build(variant, config, dtype, device)
     row.update(info)
-    model = model.to(device).train()
+    model.train()
     row["build_s"] = time.perf_counter() - t0
-    row["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    row["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9  # local shards under EP
+    fused = device.type == "cuda" and world == 1
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+    gen = torch.Generator(device="cpu").manual_seed(rank)  # rank 0 sees the 1-GPU batch
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), generator=gen).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses = []
     start = 0.0
+    deadline = time.perf_counter() + args.budget
+    steps_done = 0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             sync()
@@ -248,15 +273,31 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         optim.step()
         optim.zero_grad(set_to_none=True)
         losses.append(loss.detach())
+        if step >= args.warmup:
+            steps_done += 1
+            if world == 1 and time.perf_counter() > deadline:
+                break  # a slow variant still reports what it measured within its budget
     sync()
     elapsed = time.perf_counter() - start
-    tokens_s = args.batch * args.seq * args.steps / elapsed
+    tokens_s = args.batch * args.seq * steps_done / elapsed
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    if world > 1:
+        import torch.distributed as dist
+
+        stats = torch.tensor([peak, -tokens_s], device=device, dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the largest peak, the slowest rank
+        peak, tokens_s = float(stats[0]), -float(stats[1])
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
     flops = active_flops_per_token(config, args.seq)
     row.update(
         tokens_s=tokens_s,
+        gpus=world,
+        steps_timed=steps_done,
         mfu=flops * tokens_s / (PEAK_TFLOPS * 1e12),
         gflop_per_token=flops / 1e9,
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+        peak_gib=peak,
         first_loss=float(losses[0]),
         last_loss=float(losses[-1]),
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -279,8 +320,11 @@ def _child(args: argparse.Namespace) -> None:
         traceback.print_exc()
         kind = "OOM" if "out of memory" in str(exc).lower() else type(exc).__name__
         row = {"variant": args.variant, "error": f"{kind}: {str(exc).splitlines()[0][:160]}"}
-    result.write_text(json.dumps(row, indent=2))
-    print(json.dumps(row))
+        if int(os.environ.get("RANK", "0")) != 0:
+            row = None
+    if row is not None:
+        result.write_text(json.dumps(row, indent=2))
+        print(json.dumps(row))
 
 
 def _child_env(variant: str) -> dict[str, str]:
@@ -294,19 +338,69 @@ def _child_env(variant: str) -> dict[str, str]:
     return env
 
 
+def _visible_gpus() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def _command(variant: str, args: argparse.Namespace, result: Path, port: int) -> list[str]:
+    passthrough = [
+        f"--{k}={getattr(args, k)}" for k in ("layers", "seq", "batch", "warmup", "steps", "budget")
+    ]
+    passthrough += ["--smoke"] if args.smoke else []
+    script = [__file__, "--variant", variant, f"--result={result}", *passthrough]
+    if variant not in EP_SIZES:
+        return [sys.executable, *script]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1"]
+    launcher += [f"--nproc_per_node={EP_SIZES[variant]}", f"--master_port={port}"]
+    return [*launcher, *script]
+
+
+def _run_with_timeout(cmd: list[str], log: Any, timeout: int, env: dict[str, str]) -> int | str:
+    """Returns the exit code of ``cmd``, or a note after killing its whole process group."""
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too: they hold the GPUs
+        proc.wait()
+        return f"timeout after {timeout} s"
+
+
 def _cell(row: dict[str, Any]) -> str:
     name = row["variant"]
     if "skipped" in row:
-        return f"| {name} | skipped: {row['skipped'][:160]} | | | | |"
+        return f"| {name} | skipped: {row['skipped'][:160]} | | | | | |"
     if "error" in row:
-        return f"| {name} | failed: {row['error']} | | | | |"
+        return f"| {name} | failed: {row['error']} | | | | | |"
     note = "; ".join(
-        str(row[k]) for k in ("experts_implementation", "note", "transformers") if row.get(k)
+        str(row[k])
+        for k in ("experts_implementation", "nemo_backend", "note", "transformers")
+        if row.get(k)
     )
     return (
-        f"| {name} | {row['tokens_s']:,.0f} | {100 * row['mfu']:.1f}% | {row['peak_gib']:.1f} "
-        f"| {row['first_loss']:.4f} -> {row['last_loss']:.4f} | {note} |"
+        f"| {name} | {row['gpus']} | {row['tokens_s']:,.0f} | {100 * row['mfu']:.1f}% "
+        f"| {row['peak_gib']:.1f} | {row['first_loss']:.4f} -> {row['last_loss']:.4f} | {note} |"
     )
+
+
+def _ratios(rows: list[dict[str, Any]]) -> str:
+    ran = {r["variant"]: r for r in rows if "tokens_s" in r}
+    ours = ran.get("automodel")
+    if ours is None:
+        return "automodel did not run: no ratios."
+    parts = []
+    for peer in ("nemo", "transformers", "transformers_eager_loop"):
+        if peer in ran:
+            speed = ours["tokens_s"] / ran[peer]["tokens_s"]
+            memory = ours["peak_gib"] / ran[peer]["peak_gib"] if ran[peer]["peak_gib"] else 0.0
+            parts.append(f"vs {peer}: {speed:.2f}x tokens/s at {memory:.2f}x peak memory")
+    return "automodel " + "; ".join(parts) + "." if parts else "no peer ran: no ratios."
 
 
 def main() -> None:
@@ -318,12 +412,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 8)")
-    parser.add_argument("--timeout", type=int, default=420, help="seconds per variant")
+    parser.add_argument("--timeout", type=int, default=150, help="seconds per variant")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of timed steps after which a 1-GPU variant stops early (default 60)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, 2 steps")
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    defaults = (2, 32, 1, 1, 2) if args.smoke else (8, 4096, 1, 3, 8)
-    for name, value in zip(("layers", "seq", "batch", "warmup", "steps"), defaults, strict=True):
+    defaults = (2, 32, 1, 1, 2, 60.0) if args.smoke else (8, 4096, 1, 3, 8, 60.0)
+    names = ("layers", "seq", "batch", "warmup", "steps", "budget")
+    for name, value in zip(names, defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.variant:
@@ -335,30 +436,22 @@ def main() -> None:
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     logs = out / "moe_logs" if out else Path(tempfile.mkdtemp(prefix="moe_bench_"))
     logs.mkdir(parents=True, exist_ok=True)
-    passthrough = [
-        f"--{k}={getattr(args, k)}" for k in ("layers", "seq", "batch", "warmup", "steps")
-    ]
+    gpus = _visible_gpus()
     rows: list[dict[str, Any]] = []
-    for variant in [v for v in args.variants.split(",") if v]:
+    for i, variant in enumerate(v for v in args.variants.split(",") if v):
+        if variant in EP_SIZES and not args.smoke and gpus < EP_SIZES[variant]:
+            rows.append({"variant": variant, "skipped": f"{gpus} GPU(s) visible"})
+            continue
+        if variant in EP_SIZES and args.smoke and EP_SIZES[variant] > 2:
+            rows.append({"variant": variant, "skipped": "smoke runs ep2 only (2 CPU ranks)"})
+            continue
         result = logs / f"{variant}.json"
         result.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, "--variant", variant, f"--result={result}", *passthrough]
-        cmd += ["--smoke"] if args.smoke else []
+        cmd = _command(variant, args, result, port=29600 + i)
         log = logs / f"{variant}.log"
         print(f"[moe_bench] {variant} ...", flush=True)
         with open(log, "w") as fh:
-            code: int | str
-            try:
-                proc = subprocess.run(
-                    cmd,
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    timeout=args.timeout,
-                    env=_child_env(variant),
-                )
-                code = proc.returncode
-            except subprocess.TimeoutExpired:
-                code = "timeout"
+            code = _run_with_timeout(cmd, fh, args.timeout, _child_env(variant))
         if result.exists():
             row = json.loads(result.read_text())
         else:
@@ -368,7 +461,7 @@ def main() -> None:
         print(f"[moe_bench] {variant}: {json.dumps(row)}", flush=True)
 
     ran = [r for r in rows if "tokens_s" in r]
-    first = [r["first_loss"] for r in ran]
+    first = [r["first_loss"] for r in ran if r["variant"] != "nemo"]  # NeMo inits differently
     spread = max(first) - min(first) if first else 0.0
     meta = {
         "shape": {**(SMOKE_SHAPE if args.smoke else SHAPE), "num_hidden_layers": args.layers},
@@ -383,19 +476,17 @@ def main() -> None:
     if out is not None:
         (out / "moe_bench.json").write_text(json.dumps(meta, indent=2))
     gflop = ran[0]["gflop_per_token"] if ran else float("nan")
-    defaults_seen = {
-        str(r["transformers_default_experts"]) for r in ran if r.get("transformers_default_experts")
-    }
     print(
-        f"\nQwen3-30B-A3B shape, {args.layers} layers, seq {args.seq} x batch {args.batch}, "
-        f"{'fp32 CPU smoke' if args.smoke else 'bf16'}, AdamW, {args.warmup}+{args.steps} steps. "
+        f"\nQwen3-30B-A3B shape, {args.layers} layers, seq {args.seq} x batch {args.batch} per GPU,"
+        f" {'fp32 CPU smoke' if args.smoke else 'bf16'}, AdamW, {args.warmup}+{args.steps} steps "
+        f"(1-GPU variants stop timing after {args.budget:.0f} s). tokens/s is per GPU. "
         f"MFU = {gflop:.2f} GFLOP/token (6 x ACTIVE matmul params + 12 x layers x heads x head_dim"
-        f" x seq, BENCHMARKS.md) x tokens/s / {PEAK_TFLOPS:.0f} TFLOP/s. transformers' default "
-        f"experts implementation: {', '.join(sorted(defaults_seen)) or 'n/a'}. "
-        f"First-step loss spread across variants: {spread:.4f} (same seed/config: should be ~0)."
+        f" x seq, BENCHMARKS.md) x tokens/s / {PEAK_TFLOPS:.0f} TFLOP/s. First-step loss spread "
+        f"across automodel/transformers variants: {spread:.4f} (same seed and weights: ~0). "
+        f"{_ratios(rows)}"
     )
-    print("\n| variant | tokens/s | MFU | peak GiB | loss first -> last | notes |")
-    print("|---|---|---|---|---|---|")
+    print("\n| variant | GPUs | tokens/s/GPU | MFU | peak GiB | loss first -> last | notes |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(_cell(r) for r in rows))
 
 

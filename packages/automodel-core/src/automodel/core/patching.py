@@ -161,16 +161,14 @@ def _probe(module: nn.Module, kind: str) -> bool:
     """Returns True when the replacement reproduces ``module``'s forward on random fp32 inputs.
 
     Runs on the CPU whatever the ambient default device (``with torch.device("cuda")`` or
-    ``"meta"`` around ``from_config``).
+    ``"meta"`` around ``from_config``) and whatever the parameters are (meta, CUDA, DTensor).
     """
-    try:
-        probe: Any = copy.deepcopy(module).to(device="cpu", dtype=torch.float32)
-    except (NotImplementedError, RuntimeError):  # meta tensors cannot be copied to CPU
-        probe = copy.deepcopy(module).to_empty(device="cpu").float()
     gen = torch.Generator().manual_seed(0)
+    try:
+        probe: Any = _cpu_copy(module, gen)
+    except Exception:  # state that cannot be copied (a process group, ...): leave it alone
+        return False
     with torch.no_grad():
-        for p in probe.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * 0.5)
         width = (
             probe.weight.shape[0] if kind.startswith("rms") else next(probe.parameters()).shape[1]
         )
@@ -183,22 +181,46 @@ def _probe(module: nn.Module, kind: str) -> bool:
     return bool(got.shape == expected.shape and torch.allclose(got, expected, atol=_ATOL, rtol=0))
 
 
+def _cpu_copy(module: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Returns a deep copy of ``module`` whose parameters are fresh random fp32 CPU tensors.
+
+    The real parameters are never copied (the deepcopy memo maps each one to its replacement), so
+    meta, GPU or sharded (DTensor) weights cost nothing and are never read.
+    """
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        fresh = torch.randn(tuple(p.shape), generator=gen, device="cpu") * 0.5
+        memo[id(p)] = nn.Parameter(fresh, requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.zeros(tuple(b.shape), device="cpu", dtype=torch.float32)
+    return copy.deepcopy(module, memo)
+
+
 def _patch_experts(model: nn.Module, report: PatchReport) -> None:
     """Runs fused MoE experts (Mixtral, Qwen3-MoE, ...) as grouped GEMMs once their class probes."""
-    from automodel.core.moe import grouped_forward_matches, is_experts_module, use_grouped_forward
+    from automodel.core.moe.grouped_experts import (
+        grouped_forward_matches,
+        has_own_forward,
+        is_experts_module,
+        use_grouped_forward,
+    )
 
     verdicts: dict[type, bool] = {}
     for module in model.modules():
         if not is_experts_module(module):
             continue
         cls = type(module)
+        if has_own_forward(module):  # expert parallelism (or another library) owns it
+            report.skipped.append(f"{cls.__name__} (forward already replaced)")
+            continue
         if cls not in verdicts:
             verdicts[cls] = grouped_forward_matches(module, atol=_ATOL)
             if not verdicts[cls]:
                 report.skipped.append(cls.__name__)
-        if verdicts[cls]:
-            use_grouped_forward(module)
-            report.modules[f"{cls.__name__} (grouped GEMM)"] += 1
+        if not verdicts[cls]:
+            continue
+        use_grouped_forward(module)
+        report.modules[f"{cls.__name__} (grouped GEMM)"] += 1
 
 
 def _patch_rotary(model: nn.Module, report: PatchReport) -> None:

@@ -2,6 +2,7 @@
 
 from automodel.core.moe.grouped_experts import (
     grouped_forward_matches,
+    has_own_forward,
     is_experts_module,
     patch_moe_experts,
     use_grouped_forward,
@@ -13,6 +14,7 @@ __all__ = [
     "MoEKeyMap",
     "MoELoadStats",
     "grouped_forward_matches",
+    "has_own_forward",
     "is_experts_module",
     "moe_key_map",
     "moe_load_stats",

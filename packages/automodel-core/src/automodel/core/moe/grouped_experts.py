@@ -59,10 +59,23 @@ def _grouped_forward(
     return unpermute(out, row_map, top_k_weights.to(out.dtype)).to(hidden_states.dtype)
 
 
+def has_own_forward(module: nn.Module) -> bool:
+    """Returns True when ``module``'s forward was replaced on the instance by someone else.
+
+    Expert parallelism (``automodel.parallel.apply_expert_parallel``) installs its all-to-all
+    forward that way; the grouped forward must not silently undo it.
+    """
+    return "forward" in vars(module) and not getattr(module, "_automodel_grouped", False)
+
+
 def use_grouped_forward(module: nn.Module) -> bool:
     """Returns True when ``module``'s forward was switched to the grouped GEMMs now (False: already).
 
     No check of the math: :func:`grouped_forward_matches` is the probe for unfamiliar classes.
+
+    Raises:
+        ValueError: ``module`` is not a fused experts module, or its forward was already replaced
+            on the instance (expert parallelism): group the experts before parallelizing.
     """
     if not is_experts_module(module):
         raise ValueError(
@@ -71,6 +84,13 @@ def use_grouped_forward(module: nn.Module) -> bool:
         )
     if getattr(module, "_automodel_grouped", False):
         return False
+    if has_own_forward(module):
+        raise ValueError(
+            f"use_grouped_forward: {type(module).__name__} already has an instance forward "
+            f"({getattr(module.forward, '__qualname__', type(module.forward).__name__)}), e.g. "
+            "from expert parallelism; expected transformers' class forward. Fix: patch the "
+            "experts before automodel.parallel.apply_expert_parallel"
+        )
     module.forward = types.MethodType(_grouped_forward, module)  # type: ignore[method-assign]
     setattr(module, "_automodel_grouped", True)  # noqa: B010
     return True
@@ -92,7 +112,10 @@ def grouped_forward_matches(module: nn.Module, *, max_experts: int = 4, atol: fl
     num_experts = min(int(weights_3d.shape[0]), max_experts)
     _, two_inter, hidden = weights_3d.shape
     gen = torch.Generator().manual_seed(0)
-    probe: Any = copy.copy(module)
+    try:
+        probe: Any = copy.copy(module)
+    except Exception:  # a wrapper class that cannot be copied (FSDP2's): not ours to judge
+        return False
     probe._parameters = dict(module._parameters)
     probe._parameters["gate_up_proj"] = nn.Parameter(
         torch.randn(num_experts, int(two_inter), int(hidden), generator=gen, device="cpu") * 0.1
@@ -129,8 +152,10 @@ def patch_moe_experts(model: nn.Module) -> list[str]:
     Recognizes modules by structure (see :func:`is_experts_module`), so MoE families transformers adds
     later work too. Idempotent. The math equals the per-expert loop (same products, summed in a
     fixed order); ``automodel.kernels.grouped_mm`` uses ``torch._grouped_mm`` on Hopper GPUs.
-    ``automodel.core.patching.patch_model`` (the ``AutoModelFor*`` fallback) calls this per module
-    after :func:`grouped_forward_matches` accepted its class.
+    Experts whose forward another library replaced on the instance (expert parallelism's
+    all-to-all) are left alone and not listed. ``automodel.core.patching.patch_model`` (the
+    ``AutoModelFor*`` fallback) does the same per module after :func:`grouped_forward_matches`
+    accepted its class.
 
     Example:
         >>> model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_path)
@@ -139,7 +164,7 @@ def patch_moe_experts(model: nn.Module) -> list[str]:
     """
     patched = []
     for name, module in model.named_modules():
-        if is_experts_module(module):
+        if is_experts_module(module) and not has_own_forward(module):
             use_grouped_forward(module)
             patched.append(name)
     return patched
