@@ -6,6 +6,7 @@
 #   bash benchmarks/run_gpu_suite.sh tests      # pytest -m gpu over the whole suite
 #   bash benchmarks/run_gpu_suite.sh core moe   # benchmarks/core_bench.py, benchmarks/moe_bench.py
 #   bash benchmarks/run_gpu_suite.sh parallel   # benchmarks/parallel_bench.py on every visible GPU
+#   bash benchmarks/run_gpu_suite.sh parallel_tests  # pytest -m gpu tests/parallel (2 or 4 GPUs)
 #
 # Logs and result JSON go to $OUT (or ./gpu_out).
 set -uo pipefail
@@ -39,6 +40,9 @@ for stage in "$@"; do
       [ -n "${NEMO_SITE:-}" ] && PYTHONPATH=$SRC:$NEMO_SITE timeout 500 python3 benchmarks/core_bench.py --variant nemo 2>&1 | tee "$OUT/core_bench_nemo.log" | tail -8 ;;
     moe)
       python3 benchmarks/moe_bench.py --timeout ${MOE_VARIANT_TIMEOUT:-420} 2>&1 | tee "$OUT/moe_bench.log" | tail -20 ;;
+    parallel_tests)
+      timeout ${PARALLEL_TESTS_TIMEOUT:-1200} python3 -m pytest -m gpu tests/parallel -v -p no:cacheprovider -o addopts="--import-mode=importlib -ra" \
+        --timeout 180 2>&1 | tee "$OUT/parallel_gpu_tests.log" | tail -60 ;;
     parallel)
       python3 benchmarks/parallel_bench.py --nproc "$(nvidia-smi -L | wc -l)" 2>&1 | tee "$OUT/parallel_bench.log" | tail -20 ;;
     kernels)

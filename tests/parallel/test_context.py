@@ -1,21 +1,16 @@
 """Context parallelism: the load-balanced sharding on CPU; the loss against cp=1 on 2 GPUs.
 
-The GPU test runs this file under torchrun (``python -m torch.distributed.run``): ring attention
-exists only for the CUDA SDPA kernels.
+The GPU test launches one NCCL process per GPU (``parallel._gpu.run_nccl``): ring attention exists
+only for the CUDA SDPA kernels.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from parallel._gpu import gpu_world, init_nccl, run_nccl
 from torch.distributed.device_mesh import init_device_mesh
 
 from automodel.parallel.context import (
@@ -26,8 +21,6 @@ from automodel.parallel.context import (
     unshard_sequence,
 )
 from harness import run_distributed
-
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def test_load_balanced_layout_balances_causal_work() -> None:
@@ -105,16 +98,15 @@ def test_context_parallel_shards_buffers_like_torch() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU: loss and gradients of a Llama-shaped model at seq 8192, cp=2 vs the full sequence.
+# GPU: loss and gradients of a Llama-shaped model at seq 8192, cp ranks vs the full sequence.
 
 
-def _gpu_main() -> None:
+def _cp_worker(rank: int, world_size: int, seq: int = 8192) -> dict[str, float]:
+    """Returns the cp loss, the full-sequence loss and the worst relative gradient error (bf16)."""
     import transformers
 
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("cp",))
+    device = init_nccl()
+    mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("cp",))
     config = transformers.LlamaConfig(
         vocab_size=1024,
         hidden_size=256,
@@ -126,10 +118,9 @@ def _gpu_main() -> None:
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16)
-    seq = 8192
+    model = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 1024, (1, seq), generator=gen).cuda()
+    ids = torch.randint(0, 1024, (1, seq), generator=gen).to(device)
     labels = ids.clone()
     labels[0, :100] = -100
 
@@ -139,6 +130,7 @@ def _gpu_main() -> None:
     buffers, n_tokens = causal_lm_buffers(ids, labels)
     with context_parallel(mesh, buffers=list(buffers.values())):
         local = buffers["input_ids"]
+        assert local.shape[1] == seq // world_size
         logits = model(
             input_ids=local,
             position_ids=buffers["position_ids"],
@@ -155,35 +147,23 @@ def _gpu_main() -> None:
         )
         grads = torch.autograd.grad(loss, list(model.parameters()))
     loss = loss.detach()
-    dist.all_reduce(loss)
+    dist.all_reduce(loss)  # each rank's share of the global token mean
     worst_grad = 0.0
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         g = g.float()
         dist.all_reduce(g)
         worst_grad = max(
             worst_grad, float((g - r.float()).norm() / r.float().norm().clamp_min(1e-12))
         )
-    if rank == 0:
-        print(json.dumps({"loss": float(loss), "ref": float(ref), "worst_grad_rel": worst_grad}))
+    dist.barrier()
     dist.destroy_process_group()
+    return {"loss": float(loss), "ref": float(ref), "worst_grad_rel": worst_grad}
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_context_parallel_loss_matches_cp1_at_seq_8k() -> None:
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
-    src = os.pathsep.join(str(p) for p in sorted((_REPO / "packages").glob("*/src")))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(_REPO / "tests")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run(
-        [*cmd, __file__], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_nccl(_cp_worker, gpu_world(), timeout=120)
+    result = results[0]
     assert abs(result["loss"] - result["ref"]) <= 2e-2 * abs(result["ref"]), result
     assert result["worst_grad_rel"] <= 5e-2, result
-
-
-if __name__ == "__main__":
-    _gpu_main()

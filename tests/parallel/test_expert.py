@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from parallel._gpu import GRAD_RTOL, LOSS_ATOL, gpu_world, init_nccl, run_nccl
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -25,11 +22,19 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _tolerances(device: str) -> dict[str, float]:
+    """Returns fp32 tolerances: tight on CPU, looser for GPU kernels' reduction orders."""
+    if device == "cpu":
+        return {"loss": 1e-5, "logits": 1e-4, "rtol": 1e-4, "atol": 1e-5, "atol_later": 1e-5}
+    return {"loss": LOSS_ATOL, "logits": 5e-3, "rtol": GRAD_RTOL, "atol": 1e-3, "atol_later": 1e-3}
+
+
 def _ep_matches_single_process(
     rank: int, world_size: int, names: list[str], device: str = "cpu"
 ) -> tuple[dict[str, float], list[str]]:
     """EP over all ranks; each rank gets its own slice of the batch; compares with the full model."""
     mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("ep",))
+    tol = _tolerances(device)
     worst: dict[str, float] = {}
     for name in names:
         reference = build_tiny_model(name, seed=0).to(device).train()
@@ -56,14 +61,16 @@ def _ep_matches_single_process(
             dist.all_reduce(loss)
             loss /= world_size
 
-            torch.testing.assert_close(loss, ref_out.loss.detach(), rtol=0, atol=1e-5)
+            torch.testing.assert_close(loss, ref_out.loss.detach(), rtol=0, atol=tol["loss"])
             ref_logits = ref_out.logits.detach().chunk(world_size)[rank]
-            torch.testing.assert_close(out.logits.detach(), ref_logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                out.logits.detach(), ref_logits, rtol=tol["logits"], atol=tol["logits"]
+            )
             ref_params = dict(reference.named_parameters())
             for fqn, p in model.named_parameters():
                 assert p.grad is not None, f"{name} step {step}: no gradient for {fqn}"
                 torch.testing.assert_close(
-                    _full(p.grad), ref_params[fqn].grad, rtol=1e-4, atol=1e-5, msg=fqn
+                    _full(p.grad), ref_params[fqn].grad, rtol=tol["rtol"], atol=tol["atol"], msg=fqn
                 )
             diffs.append(float((loss - ref_out.loss.detach()).abs()))
             ref_opt.step()
@@ -131,6 +138,7 @@ def _ep_fsdp_matches_single_process(rank: int, world_size: int, device: str = "c
 
     config = ParallelConfig(dp_shard=world_size, ep=2)
     mesh = build_mesh(config, device_type=device)
+    tol = _tolerances(device)
     reference = build_tiny_model("mixtral", seed=0).to(device).train()
     model = parallelize(copy.deepcopy(reference), config, mesh)
     experts = model.get_submodule(find_expert_modules(model)[0][0]).gate_up_proj
@@ -152,15 +160,15 @@ def _ep_fsdp_matches_single_process(rank: int, world_size: int, device: str = "c
         loss = loss.detach().clone()
         dist.all_reduce(loss)
         loss /= world_size
-        torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=tol["loss"])
         ref_params = dict(reference.named_parameters())
         for fqn, p in model.named_parameters():
             assert p.grad is not None, f"step {step}: no gradient for {fqn}"
             torch.testing.assert_close(
                 _full(p.grad),
                 ref_params[fqn].grad,
-                rtol=1e-4,
-                atol=1e-6 if step == 0 else 1e-5,
+                rtol=tol["rtol"],
+                atol=tol["atol"] / 10 if step == 0 else tol["atol_later"],
                 msg=lambda m, fqn=fqn, step=step: f"step {step} {fqn}: {m}",
             )
         losses.append(float(loss))
@@ -172,51 +180,32 @@ def _ep_fsdp_matches_single_process(rank: int, world_size: int, device: str = "c
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU: the same equivalence checks with NCCL, launched with torchrun on this file.
-
-_REPO = Path(__file__).resolve().parents[2]
+# GPU: the same checks with NCCL, one process per GPU.
 
 
-def _torchrun(nproc: int, check: str) -> None:
-    if torch.cuda.device_count() < nproc:
-        pytest.skip(f"needs {nproc} GPUs")
-    src = os.pathsep.join(str(p) for p in sorted((_REPO / "packages").glob("*/src")))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(_REPO / "tests")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    proc = subprocess.run(
-        [*cmd, "--nproc-per-node", str(nproc), __file__, check],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-def test_expert_parallel_equals_single_process_nccl() -> None:
-    _torchrun(2, "ep")
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-def test_expert_parallel_inside_fsdp_equals_single_process_nccl() -> None:
-    _torchrun(4, "ep_fsdp")
-
-
-def _gpu_main(check: str) -> None:
-    local_rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if check == "ep":
-        _ep_matches_single_process(rank, world, names=["mixtral", "qwen3_moe"], device="cuda")
+def _ep_gpu_worker(rank: int, world_size: int) -> dict[str, Any]:
+    device = init_nccl()
+    if world_size == 4:
+        out = _ep_worker(rank, world_size, device)
     else:
-        _ep_fsdp_matches_single_process(rank, world, device="cuda")
+        worst, messages = _ep_matches_single_process(
+            rank, world_size, names=["mixtral", "qwen3_moe"], device=device
+        )
+        out = {"worst": worst, "messages": messages, "ep_fsdp": None}
+    dist.barrier()
     dist.destroy_process_group()
+    return out
 
 
-if __name__ == "__main__":
-    _gpu_main(sys.argv[1])
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_expert_parallel_and_ep_inside_fsdp_equal_single_gpu_nccl() -> None:
+    # 4 GPUs: ep=4, then ep=2 x fsdp=2 (NCCL's PREMUL_SUM path); 2 GPUs: ep=2 only.
+    world = gpu_world()
+    results = run_nccl(_ep_gpu_worker, world, timeout=120)
+    for r in results:
+        assert set(r["worst"]) == {"mixtral", "qwen3_moe"}
+        assert all(diff <= LOSS_ATOL for diff in r["worst"].values()), r["worst"]
+        assert len(r["messages"]) == 2
+        if world == 4:
+            assert len(r["ep_fsdp"]) == _STEPS

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from parallel._gpu import GRAD_RTOL, LOSS_ATOL, gpu_world, init_nccl, run_nccl
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -58,10 +55,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _check_grads(stages: list[Any], reference: Any, step: int, where: str) -> None:
+def _loss_atol(device: str) -> float:
+    return 1e-5 if device == "cpu" else LOSS_ATOL
+
+
+def _check_grads(stages: list[Any], reference: Any, step: int, where: str, device: str) -> None:
     # After AdamW steps, fp32 rounding differences from microbatching grow (Adam normalizes the
-    # update size), hence the looser tolerance after the first step.
-    atol = 1e-6 if step == 0 else 1e-5
+    # update size), hence the looser tolerance after the first step; GPU kernels reorder more.
+    atol = (1e-6 if step == 0 else 1e-5) if device == "cpu" else 1e-3
+    rtol = 1e-4 if device == "cpu" else GRAD_RTOL
     ref_params = dict(reference.named_parameters(remove_duplicate=False))
     seen = 0
     for stage in stages:
@@ -70,7 +72,7 @@ def _check_grads(stages: list[Any], reference: Any, step: int, where: str) -> No
             torch.testing.assert_close(
                 _full(p.grad),
                 ref_params[fqn].grad,
-                rtol=1e-4,
+                rtol=rtol,
                 atol=atol,
                 msg=lambda m, fqn=fqn: f"{where} {fqn}: {m}",
             )
@@ -106,9 +108,9 @@ def _pp_matches_single_process(
             loss = schedule.step(input_ids, labels)
             assert (loss is not None) == schedule.has_last_stage
             if loss is not None:
-                torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=1e-5)
+                torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=_loss_atol(device))
                 losses.setdefault(label, []).append(float(loss))
-            _check_grads(stages, reference, step, f"{label} step {step}")
+            _check_grads(stages, reference, step, f"{label} step {step}", device)
             ref_opt.step()
             ref_opt.zero_grad()
             opt.step()
@@ -201,9 +203,9 @@ def _pp_parallelized_matches_single_process(
         if loss is not None:
             dist.all_reduce(loss, group=dp_mesh.get_group())
             loss /= dp
-            torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=1e-5)
+            torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=_loss_atol(device))
             losses.append(float(loss))
-        _check_grads(stages, reference, step, f"{name} step {step}")
+        _check_grads(stages, reference, step, f"{name} step {step}", device)
         ref_opt.step()
         ref_opt.zero_grad()
         opt.step()
@@ -257,51 +259,31 @@ def test_balanced_split_and_split_points() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU: the same equivalence checks with NCCL, launched with torchrun on this file.
-
-_REPO = Path(__file__).resolve().parents[2]
+# GPU: the same checks with NCCL, one process per GPU.
 
 
-def _torchrun(nproc: int, check: str) -> None:
-    if torch.cuda.device_count() < nproc:
-        pytest.skip(f"needs {nproc} GPUs")
-    src = os.pathsep.join(str(p) for p in sorted((_REPO / "packages").glob("*/src")))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(_REPO / "tests")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    proc = subprocess.run(
-        [*cmd, "--nproc-per-node", str(nproc), __file__, check],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-def test_pipeline_schedules_equal_single_process_nccl() -> None:
-    _torchrun(2, "schedules")
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-def test_pipeline_with_fsdp_equals_single_process_nccl() -> None:
-    _torchrun(4, "fsdp")
-
-
-def _gpu_main(check: str) -> None:
-    local_rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def _pp_gpu_worker(rank: int, world_size: int, check: str) -> Any:
+    device = init_nccl()
     if check == "schedules":
-        _pp_matches_single_process(rank, world, cases=_CASES, device="cuda")
+        out: Any = _pp_matches_single_process(rank, world_size, cases=_CASES, device=device)[0]
     else:
-        _pp_3d_matches_single_process(rank, world, device="cuda")
+        out = _pp_3d_matches_single_process(rank, world_size, device=device)
+    dist.barrier()
     dist.destroy_process_group()
+    return out
 
 
-if __name__ == "__main__":
-    _gpu_main(sys.argv[1])
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_pipeline_schedules_equal_single_gpu_nccl() -> None:
+    # GPipe, 1F1B, interleaved 1F1B and ZBV over pp=2 (4 layers: 2 virtual stages per rank)
+    results = run_nccl(_pp_gpu_worker, gpu_world(needs=2, prefers=2), check="schedules")
+    assert set(results[0]) == {"llama4/zbv"} and len(results[1]) == len(_CASES) - 1
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_pipeline_with_fsdp_and_with_tp_sp_equal_single_gpu_nccl() -> None:
+    results = run_nccl(_pp_gpu_worker, gpu_world(needs=4, prefers=4), check="3d")
+    for name in _PP_3D_CASES:
+        assert len(results[2][name]) == _STEPS and results[2][name] == results[3][name], name

@@ -198,9 +198,12 @@ def tensor_parallel_plan(
             fqn = f"{block_fqn}.{name}" if name else block_fqn
             if _is_fused_attention(module) or _linear(module, "gate_up_proj") is not None:
                 raise ValueError(
-                    f"{fqn} has a fused projection (qkv_proj / gate_up_proj) that the automatic "
-                    "tensor-parallel plan cannot split across heads; use tp=1 for this model or "
-                    "pass plan={fqn_pattern: style}"
+                    f"{fqn} has a fused projection (qkv_proj / gate_up_proj, as in Phi-3): a "
+                    "column shard of it would give each tp rank a slice of q|k|v instead of its "
+                    "own heads of each, so tensor parallelism does not support it. Fix: use tp=1 "
+                    "and shard the model with FSDP (dp_shard), or convert the checkpoint to "
+                    "separate q_proj/k_proj/v_proj and gate_proj/up_proj weights (the Llama "
+                    "layout: split the fused rows in order q, k, v and gate, up) for tp > 1"
                 )
             if _is_attention(module):
                 _check_heads(fqn, module, tp)
