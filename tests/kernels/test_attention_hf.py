@@ -131,20 +131,32 @@ def test_traces_into_one_graph_under_torch_compile() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_registered_model_trains_like_eager_in_bf16() -> None:
+def test_gpu_registered_model_trains_like_transformers_in_bf16() -> None:
     # Left padding under a causal mask leaves queries that see no key. transformers' sdpa hands
     # those rows to whichever SDPA kernel torch picks, and cuDNN's gives NaN gradients there (torch
-    # 2.11, H200), so the reference is transformers' eager attention, defined on every row.
+    # 2.11, H200), so the bf16 reference is transformers' eager attention, defined on every row.
+    # Both are measured against fp32 eager: ours must be about as close as transformers' own bf16.
     ids = torch.randint(5, 300, (2, 64), device="cuda")
     mask = torch.ones(2, 64, dtype=torch.long, device="cuda")
     mask[1, :7] = 0
-    losses, grads = [], []
-    for impl in (NAME, "eager"):
-        model = _model("mistral", impl).to("cuda", torch.bfloat16).train()
+    losses, grads = {}, {}
+    for impl, dtype in (
+        (NAME, torch.bfloat16),
+        ("eager", torch.bfloat16),
+        ("eager", torch.float32),
+    ):
+        model = _model("mistral", impl).to("cuda", dtype).train()
         out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
-        losses.append(out.loss.float())
-        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.float())
-    assert all(torch.isfinite(g).all() for g in grads)
-    assert torch.isfinite(losses[0]) and abs(float(losses[0] - losses[1])) < 1e-2 * float(losses[1])
-    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 5e-2
+        losses[impl, dtype] = out.loss.float()
+        grads[impl, dtype] = model.model.layers[0].self_attn.q_proj.weight.grad.float()
+    ref_loss, ref_grad = losses["eager", torch.float32], grads["eager", torch.float32]
+    errors = {
+        impl: float((grads[impl, torch.bfloat16] - ref_grad).norm() / ref_grad.norm())
+        for impl in (NAME, "eager")
+    }
+    for impl in (NAME, "eager"):
+        assert torch.isfinite(grads[impl, torch.bfloat16]).all(), impl
+        assert abs(float(losses[impl, torch.bfloat16] - ref_loss)) < 1e-2 * float(ref_loss), impl
+    # Layer 0's q_proj gradient cancels a lot: bf16 alone moves it by about 10% (H200 run).
+    assert errors[NAME] < max(0.15, 1.5 * errors["eager"]), errors

@@ -12,6 +12,7 @@ statistics are all-reduced over the mesh's group.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -161,7 +162,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk = opts["chunk_size"]
         # One logits buffer for every chunk: the allocator never holds two chunks at once.
         buffer = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
+        main = torch.cuda.current_stream(hidden.device) if hidden.is_cuda else None
+        side = _side_stream(hidden.device) if main is not None and grad_w is not None else None
         for start in range(0, hidden.shape[0], chunk):
+            if side is not None:
+                main.wait_stream(side)  # type: ignore[union-attr]  # the last chunk's grad_w read the buffer
             h = hidden[start : start + chunk]
             logits = buffer[: h.shape[0]]
             torch.matmul(h, weight.T, out=logits)
@@ -183,14 +188,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             losses[start : start + h.shape[0]] = loss
             if dlogits is None:
                 continue
+            if grad_w is not None:
+                # addmm accumulates in fp32 inside cuBLAS and rounds once per chunk. With few tokens
+                # per chunk it is bound by reading and writing grad_w, so on CUDA it runs on a side
+                # stream, beside the compute-bound grad_h matmul that reads the same chunk.
+                if side is not None:
+                    side.wait_stream(main)  # type: ignore[arg-type]
+                    with torch.cuda.stream(side):
+                        grad_w.addmm_(dlogits.T, h)
+                else:
+                    grad_w.addmm_(dlogits.T, h)
             if grad_h is not None:
                 torch.matmul(dlogits, weight, out=grad_h[start : start + chunk])
-            if grad_w is not None:
-                # addmm accumulates in fp32 inside cuBLAS and rounds once per chunk.
-                grad_w.addmm_(dlogits.T, h)
             if grad_b is not None:
                 grad_b.add_(dlogits.sum(dim=0, dtype=torch.float32))
             del dlogits
+        if side is not None:
+            main.wait_stream(side)  # type: ignore[union-attr]  # before buffer and grad_w are used
         del buffer
         total = losses.sum()
         if grad_h is not None and group is not None:
@@ -222,6 +236,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_b is not None:
             grad_b = (grad_b * grad_loss).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """Returns one side stream per device, created once (cuBLAS keeps a workspace per stream)."""
+    return torch.cuda.Stream(device)
 
 
 def _chunk_loss_torch(

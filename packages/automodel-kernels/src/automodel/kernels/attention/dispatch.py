@@ -12,6 +12,8 @@ from automodel.kernels.attention.masks import MaskSpec, document_ids_from_cu_seq
 from automodel.kernels.attention.sdpa import sdpa_attention
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "flash_attn", "eager")
+# FlexAttention's block size: "auto" sends calls with fewer queries to SDPA (or eager for softcap).
+_FLEX_MIN_QUERIES = 128
 
 
 def attention(
@@ -47,8 +49,9 @@ def attention(
         softcap: scores become ``softcap * tanh(scores / softcap)`` before masking (Gemma 2).
         backend: ``"auto"``, ``"sdpa"``, ``"flex"``, ``"flash_attn"`` or ``"eager"`` (the explicit
             masked-softmax reference). ``"auto"`` picks, on CUDA, FlexAttention when documents, a
-            window or softcap need a block mask and SDPA (flash/cuDNN) otherwise; on CPU, SDPA, or
-            eager when softcap is set.
+            window or softcap need a block mask and there are at least 128 queries, and SDPA
+            (flash/cuDNN) otherwise (eager for softcap with fewer queries); on CPU, SDPA, or eager
+            when softcap is set.
 
     Returns:
         ``[B, Hq, Sq, D]`` in ``q``'s dtype. A query that can see no key outputs zeros.
@@ -133,7 +136,12 @@ def _resolve(backend: str, spec: MaskSpec, q: torch.Tensor, softcap: float | Non
             block_sparse = spec.document_ids is not None or (
                 spec.window is not None and spec.window < spec.kv_len
             )
-            backend = "flex" if block_sparse or softcap is not None else "sdpa"
+            if spec.q_len < _FLEX_MIN_QUERIES:
+                # Decoding and short calls: no query block to skip, and FlexAttention (compiled
+                # with static shapes) would compile again for every new cache length.
+                backend = "eager" if softcap is not None else "sdpa"
+            else:
+                backend = "flex" if block_sparse or softcap is not None else "sdpa"
         else:
             backend = "eager" if softcap is not None else "sdpa"
     if torch.compiler.is_compiling() and backend in ATTENTION_BACKENDS:

@@ -166,6 +166,9 @@ def flex_attention(
     )
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return flex(q, k, v, **kwargs)  # type: ignore[no-any-return]
+    # Contiguous [B, H, S, D]: with q in transformers' transposed [B, S, H, D] memory and k/v
+    # contiguous, torch 2.11's flex template found no valid kernel config (NoValidChoicesError).
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     try:
         with _compile_budget():
             return _compiled_flex()(q, k, v, **kwargs)  # type: ignore[no-any-return]
