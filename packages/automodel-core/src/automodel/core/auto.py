@@ -10,7 +10,13 @@ patches (``automodel.core.patching``). Extra keyword arguments, all optional:
 - ``device_mesh``: a DeviceMesh to parallelize over (built from ``parallel`` when omitted).
 - ``kernels``: ``"auto"`` (default), ``"none"`` (the stock transformers class, unpatched), or a
   dict ``{op: backend}`` forwarded to the kernels (e.g. ``{"attention": "flex"}``).
-- ``peft``: a PEFT config (dict or object) applied by ``automodel.core.peft.apply_peft``.
+- ``peft``: a LoRA / DoRA config (``automodel.core.LoraConfig``, a dict of its fields, or a peft
+  ``LoraConfig``): adapters are added before parallelizing (sharded with their base layers), only
+  they train, and they are initialized from a seed drawn from the global RNG (rank 0's when
+  parallel), so ``torch.manual_seed(s)`` first gives the same adapters on any mesh.
+  ``save_pretrained(path)`` then writes the adapter in the peft format
+  (``peft.PeftModel.from_pretrained(base, path)`` loads it); ``save_pretrained(path, merged=True)``
+  writes the full model with the adapters folded in.
 - ``fp8``: True or a dict of ``convert_to_float8`` options (needs the kernels' ``fp8`` extra).
 - ``compile``: True or a dict of ``torch.compile`` options, applied per decoder layer.
 - ``force_hf``: True gives the transformers class (still kernel-patched unless kernels="none").
@@ -26,8 +32,10 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from automodel.core import _ops
+from automodel.core.adapters import add_adapters, draw_seed, init_adapters, shared_seed
 from automodel.core.models.registry import optimized_class
 from automodel.core.patching import patch_model
+from automodel.core.saving import install_save_pretrained
 
 logger = logging.getLogger("automodel.core")
 
@@ -94,6 +102,7 @@ class _AutoModelBase:
             >>> model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         """
         _check_kernels(kernels)
+        seed = draw_seed() if peft is not None else 0  # before anything else draws from the RNG
         config = kwargs.pop("config", None)
         if not isinstance(config, PretrainedConfig):
             hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
@@ -116,8 +125,11 @@ class _AutoModelBase:
                 parallel=parallel,
                 device_mesh=device_mesh,
                 patch=kernels != "none",
+                peft=peft,
+                adapter_seed=seed,
                 **kwargs,
             )
+            peft = None  # added before parallelizing
         else:
             attn = kwargs.pop("attn_implementation", None)
             if attn is not None and not _is_ours(model_cls):
@@ -126,7 +138,8 @@ class _AutoModelBase:
                 pretrained_model_name_or_path, *model_args, config=config, **kwargs
             )
             _set_attention(model, attn)
-        return _finish(model, kernels, peft, fp8, compile, patched=parallel is not None)
+        patched = parallel is not None or device_mesh is not None
+        return _finish(model, kernels, peft, seed, fp8, compile, patched=patched)
 
     @classmethod
     def from_config(
@@ -154,6 +167,7 @@ class _AutoModelBase:
             >>> model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2))
         """
         _check_kernels(kernels)
+        seed = draw_seed() if peft is not None else 0  # before the random init draws
         model_cls = cls._select(config, kernels, force_hf)
         attn = kwargs.pop("attn_implementation", None)
         if _is_ours(model_cls):
@@ -167,8 +181,13 @@ class _AutoModelBase:
         if parallel is not None or device_mesh is not None:
             from automodel.core.sharded_load import parallelize_model
 
+            if peft is not None:  # before parallelize, so adapters are sharded with their layers
+                add_adapters(model, peft, parallel=True)
             model = parallelize_model(model, parallel=parallel, device_mesh=device_mesh)
-        return _finish(model, kernels, peft, fp8, compile, patched=False)
+            if peft is not None:
+                init_adapters(model, shared_seed(seed))
+                peft = None
+        return _finish(model, kernels, peft, seed, fp8, compile, patched=False)
 
     @classmethod
     def _select(cls, config: PretrainedConfig, kernels: Any, force_hf: bool) -> Any:
@@ -211,12 +230,13 @@ def _finish(
     model: Any,
     kernels: Any,
     peft: Any,
+    adapter_seed: int,
     fp8: bool | dict[str, Any],
     compile: bool | dict[str, Any],
     *,
     patched: bool,
 ) -> Any:
-    """Applies the fallback patches, FP8, PEFT and compile, in that order; returns the model."""
+    """Applies the fallback patches, FP8, PEFT (when not added already) and compile; returns the model."""
     if kernels != "none" and not _is_ours(type(model)) and not patched:
         patch_model(model)
     if fp8:
@@ -225,9 +245,9 @@ def _finish(
         convert = automodel.kernels.convert_to_float8  # type: ignore[attr-defined]
         model = convert(model, **(fp8 if isinstance(fp8, dict) else {}))
     if peft is not None:
-        from automodel.core.peft import apply_peft
-
-        model = apply_peft(model, peft)
+        add_adapters(model, peft, parallel=False)
+        init_adapters(model, adapter_seed)
+        install_save_pretrained(model, sharded=False)
     if compile:
         options = compile if isinstance(compile, dict) else {}
         for block in _decoder_layers(model):

@@ -5,18 +5,24 @@ The model never materializes whole on any rank: parameters are created on ``meta
 and filled by ``automodel.ckpt.load``, which reads only the bytes of each rank's own slices from
 the safetensors files. ``save_pretrained`` on the result writes a consolidated, standard HF folder
 through ``automodel.ckpt.save`` (every rank calls it; each writes what it holds).
+
+With ``peft=``, the adapters are added to the meta model before parallelizing (so they are sharded
+with their base layers), skipped when reading the checkpoint, and initialized after it from one seed
+shared by all ranks (see ``automodel.core.adapters``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from automodel.core.adapters import add_adapters, checkpoint_tensors, init_adapters, shared_seed
+from automodel.core.saving import install_save_pretrained
 
 logger = logging.getLogger("automodel.core")
 
@@ -48,7 +54,7 @@ def parallelize_model(model: nn.Module, *, parallel: Any, device_mesh: Any) -> n
     config = parallel_config(parallel, device_mesh)
     mesh = device_mesh if device_mesh is not None else build_mesh(config)
     model = parallelize(model, config, mesh)
-    _use_sharded_save(model)
+    install_save_pretrained(model, sharded=True)
     return model
 
 
@@ -60,6 +66,8 @@ def load_parallel(
     parallel: Any,
     device_mesh: Any,
     patch: bool,
+    peft: Any = None,
+    adapter_seed: int = 0,
     **kwargs: Any,
 ) -> nn.Module:
     """Returns the checkpoint at ``name_or_path`` built on meta, parallelized and loaded by slices.
@@ -71,6 +79,8 @@ def load_parallel(
         parallel: ``ParallelConfig`` or dict; derived from ``device_mesh`` when None.
         device_mesh: the mesh to use; built from ``parallel`` when None.
         patch: apply the fallback kernel patches to transformers classes before parallelizing.
+        peft: a LoRA config: adapters added before parallelizing, initialized after loading.
+        adapter_seed: the adapters' initialization seed (rank 0's is used on every rank).
         kwargs: transformers arguments; ``dtype`` and the hub arguments are used here.
     """
     from automodel.ckpt import load
@@ -90,13 +100,17 @@ def load_parallel(
         from automodel.core.patching import patch_model
 
         patch_model(model)
+    if peft is not None:
+        add_adapters(model, peft, parallel=True)
     model = parallelize(model, pconfig, mesh)
     device = torch.device("cuda", torch.cuda.current_device()) if _on_cuda(mesh) else "cpu"
     model.to_empty(device=device)
     _init_buffers(model)
-    load(model, folder, strict=True)
+    load(checkpoint_tensors(model), folder, strict=True)
+    if peft is not None:
+        init_adapters(model, shared_seed(adapter_seed))
     _load_generation_config(model, folder)
-    _use_sharded_save(model)
+    install_save_pretrained(model, sharded=True)
     model.eval()  # as transformers' from_pretrained returns it
     return model
 
@@ -142,18 +156,3 @@ def _load_generation_config(model: nn.Module, folder: Path) -> None:
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig.from_pretrained(folder)  # type: ignore[assignment]
-
-
-def _use_sharded_save(model: nn.Module) -> None:
-    """Makes ``model.save_pretrained`` write a consolidated HF folder across ranks."""
-
-    def save_pretrained(self: nn.Module, save_directory: Any, **kwargs: Any) -> None:
-        from automodel.ckpt import save
-
-        options = {k: kwargs[k] for k in ("max_shard_size",) if k in kwargs}
-        ignored = sorted(set(kwargs) - {"max_shard_size", "safe_serialization", "is_main_process"})
-        if ignored:
-            logger.warning("save_pretrained of a parallel model ignores %s", ignored)
-        save(self, save_directory, **options)
-
-    model.save_pretrained = types.MethodType(save_pretrained, model)  # type: ignore[method-assign, assignment]
