@@ -159,7 +159,7 @@ def _build(variant: str, config: Any, dtype: Any, device: Any) -> tuple[Any, dic
                 _init_single_rank()  # its MoE wants a process group: give it a 1-rank one
                 model = NeMoAutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
                 info["note"] = "1-rank process group initialized"
-        model = model.to(device=device, dtype=dtype)  # NeMo may keep some buffers elsewhere
+        model = model.to(device=device)  # NeMo may keep some buffers on the CPU
         backend = getattr(model, "backend", None)
         if backend is not None:
             info["nemo_backend"] = (

@@ -234,3 +234,59 @@ def save_tiny_model(
     if tokenizer:
         save_tokenizer(path, vocab_size=VOCAB_SIZE)
     return path
+
+
+# ------------------------------------------------------------------ appended: more MoE layouts
+def _qwen2_moe() -> Any:
+    """Qwen2-MoE: routed experts plus a sigmoid-gated shared expert in every layer."""
+    from transformers import Qwen2MoeConfig
+
+    common = {k: v for k, v in _DECODER_COMMON.items() if k != "head_dim"}
+    return Qwen2MoeConfig(
+        **common,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=False,
+        router_aux_loss_coef=0.001,
+        tie_word_embeddings=False,
+        architectures=["Qwen2MoeForCausalLM"],
+    )
+
+
+def _deepseek_v3() -> Any:
+    """DeepSeek-V3 layout: MLA attention, sigmoid routing with a bias correction, grouped top-k
+    (4 groups, 2 kept), routed scaling, one shared expert; layer 0 dense, layer 1 MoE."""
+    from transformers import DeepseekV3Config
+
+    common = {k: v for k, v in _DECODER_COMMON.items() if k != "head_dim"}
+    common["num_key_value_heads"] = common["num_attention_heads"]  # MLA: one latent for all heads
+    return DeepseekV3Config(
+        **common,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        rope_interleave=True,
+        tie_word_embeddings=False,
+        architectures=["DeepseekV3ForCausalLM"],
+    )
+
+
+TINY_MODELS["qwen2_moe"] = (_qwen2_moe, "AutoModelForCausalLM")
+TINY_MODELS["deepseek_v3"] = (_deepseek_v3, "AutoModelForCausalLM")
+# MoE layouts beyond MOE_MODELS: shared experts, sigmoid + bias + grouped top-k routing
+MORE_MOE_MODELS = ["qwen2_moe", "deepseek_v3"]

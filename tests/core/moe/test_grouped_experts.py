@@ -1,6 +1,8 @@
 """MoE through the public API: ``automodel.core.AutoModelForCausalLM`` of a Mixtral / Qwen3-MoE
 checkpoint runs its experts as grouped GEMMs and equals transformers' own class (fp32): logits,
-loss, aux loss, gradients and generated tokens."""
+loss, aux loss, gradients and generated tokens. The same holds, by structure, for the layouts of
+Qwen2-MoE (a sigmoid-gated shared expert) and DeepSeek-V3 (shared expert, sigmoid routing with a
+bias correction, grouped top-k, routed scaling): routing stays transformers' own."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from automodel.core.moe import (
     patch_moe_experts,
 )
 from harness import MOE_MODELS, build_tiny_model, tiny_config
+from harness.models import MORE_MOE_MODELS
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,14 +35,27 @@ def _experts(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if is_experts_module(m)]
 
 
-@pytest.mark.parametrize("name", MOE_MODELS)
+def _set_routing_bias(model: torch.nn.Module) -> None:
+    """Gives DeepSeek's ``e_score_correction_bias`` (zeros at init) values that change the choice."""
+    gen = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_(torch.randn(bias.shape, generator=gen) * 0.2)
+
+
+@pytest.mark.parametrize("name", MOE_MODELS + MORE_MOE_MODELS)
 def test_public_api_grouped_experts_match_transformers(name, tiny_model_dir, caplog):
     path = tiny_model_dir(name)
     with caplog.at_level(logging.INFO, logger="automodel.core"):
         ours = AutoModelForCausalLM.from_pretrained(path, output_router_logits=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, output_router_logits=True)
+    with torch.no_grad():
+        _set_routing_bias(ours)
+        _set_routing_bias(ref)
     experts = _experts(ours)
-    assert len(experts) == ref.config.num_hidden_layers
+    moe_layers = ref.config.num_hidden_layers - getattr(ref.config, "first_k_dense_replace", 0)
+    assert len(experts) == moe_layers
     assert all(getattr(m, "_automodel_grouped", False) for m in experts)
     grouped = f"{type(experts[0]).__name__} (grouped GEMM)"
     assert ours._automodel_patches.modules[grouped] == len(experts)
@@ -50,8 +66,9 @@ def test_public_api_grouped_experts_match_transformers(name, tiny_model_dir, cap
     ref_out = ref(input_ids=ids, attention_mask=mask, labels=ids)
     our_out = ours(input_ids=ids, attention_mask=mask, labels=ids)
     torch.testing.assert_close(our_out.logits, ref_out.logits, atol=1e-5, rtol=0)
-    assert ref_out.aux_loss is not None and float(ref_out.aux_loss.detach()) > 0
-    torch.testing.assert_close(our_out.aux_loss, ref_out.aux_loss, atol=1e-6, rtol=1e-6)
+    if name != "deepseek_v3":  # transformers' DeepSeek-V3 returns no aux loss
+        assert ref_out.aux_loss is not None and float(ref_out.aux_loss.detach()) > 0
+        torch.testing.assert_close(our_out.aux_loss, ref_out.aux_loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(our_out.loss, ref_out.loss, atol=1e-5, rtol=1e-6)
 
     ref_out.loss.backward()
