@@ -26,7 +26,16 @@ def batches(seed: int = 1) -> list[torch.Tensor]:
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """Returns the whole tensor of a DTensor (on the mesh's device), else ``t``."""
+    if not isinstance(t, DTensor):
+        return t
+    mesh = t.device_mesh
+    local = t.to_local()
+    if local.device.type != mesh.device_type:  # a CPU-offloaded shard of a GPU mesh
+        t = DTensor.from_local(
+            local.to(mesh.device_type), mesh, t.placements, shape=t.shape, stride=t.stride()
+        )
+    return t.full_tensor()
 
 
 def reference_run(name: str, device: str = "cpu") -> tuple[list[float], dict[str, torch.Tensor]]:

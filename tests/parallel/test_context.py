@@ -116,6 +116,7 @@ def _cp_worker(rank: int, world_size: int, seq: int = 8192) -> dict[str, float]:
         num_key_value_heads=4,
         max_position_embeddings=16384,
         attn_implementation="sdpa",
+        use_cache=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16)

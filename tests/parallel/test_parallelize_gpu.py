@@ -1,5 +1,7 @@
 """parallelize() with NCCL on 4 GPUs (or 2): the CPU equivalence checks, CPU offload and compile.
 
+Run this module's launch plumbing without GPUs: ``AUTOMODEL_GPU_TESTS_ON_CPU=1`` (parallel/_gpu.py).
+
 Each test is one launch of one process per GPU running the gloo tests' ``compare`` on CUDA in
 fp32 (TF32 off) against a single-GPU reference, with tolerances for reordered GPU reductions.
 """
@@ -26,8 +28,6 @@ CASES_4: dict[str, dict[str, Any]] = {
         "activation_checkpointing": "selective",
     },
     "ac_full": {"dp_shard": 4, "activation_checkpointing": "full"},
-    "fsdp_cpu_offload": {"dp_shard": 4, "cpu_offload": True},
-    "hsdp_cpu_offload": {"dp_replicate": 2, "dp_shard": 2, "cpu_offload": True},
 }
 CASES_2: dict[str, dict[str, Any]] = {
     "fsdp": {"dp_shard": 2},
@@ -37,18 +37,19 @@ CASES_2: dict[str, dict[str, Any]] = {
         "sequence_parallel": True,
         "activation_checkpointing": "selective",
     },
-    "fsdp_cpu_offload": {"dp_shard": 2, "cpu_offload": True},
 }
+# CPU offload (sharded params, grads and AdamW on the CPU) must equal the no-offload run.
+OFFLOAD_4: dict[str, dict[str, Any]] = {
+    "fsdp_cpu_offload": {"dp_shard": 4, "cpu_offload": True},
+    "hsdp_cpu_offload": {"dp_replicate": 2, "dp_shard": 2, "cpu_offload": True},
+}
+OFFLOAD_2: dict[str, dict[str, Any]] = {"fsdp_cpu_offload": {"dp_shard": 2, "cpu_offload": True}}
 BF16 = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
 
 
 def _strategies_worker(rank: int, world_size: int, names: list[str]) -> dict[str, Any]:
     device = init_nccl()
     cases = CASES_4 if world_size == 4 else CASES_2
-    if (
-        device == "cpu"
-    ):  # a plumbing check on gloo (AUTOMODEL_GPU_TESTS_ON_CPU): offload pins memory
-        cases = {k: v for k, v in cases.items() if not v.get("cpu_offload")}
     out: dict[str, Any] = {}
     for name in names:
         reference = reference_run(name, device)
@@ -56,6 +57,23 @@ def _strategies_worker(rank: int, world_size: int, names: list[str]) -> dict[str
             out[f"{name} {case}"] = compare(name, config, reference, device)
         sizes = cases["fsdp_tp_sp_2x2" if world_size == 4 else "tp"]
         out[f"{name} bf16"] = compare(name, {**sizes, **BF16}, reference, device)
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def _offload_worker(rank: int, world_size: int) -> dict[str, Any]:
+    device = init_nccl()
+    reference = reference_run("llama", device)
+    cases = OFFLOAD_4 if world_size == 4 else OFFLOAD_2
+    out = {f"llama {case}": compare("llama", config, reference, device)
+           for case, config in cases.items()}  # fmt: skip
+    out["llama no_offload"] = compare("llama", {"dp_shard": world_size}, reference, device)
+    for case in cases:  # offload moves the optimizer to the CPU: same trajectory as on GPU
+        out[f"llama {case}"]["vs_no_offload"] = max(
+            abs(a - b)
+            for a, b in zip(out[f"llama {case}"]["losses"], out["llama no_offload"]["losses"])
+        )
     dist.barrier()
     dist.destroy_process_group()
     return out
@@ -85,10 +103,20 @@ def _check(results: dict[str, Any]) -> None:
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_nccl_strategies_and_cpu_offload_match_single_gpu(name: str) -> None:
-    # 4 GPUs: FSDP, HSDP 2x2, TP x replicate, FSDP x TP (+SP), AC, CPU offload (FSDP and HSDP)
+def test_nccl_strategies_match_single_gpu(name: str) -> None:
+    # 4 GPUs: FSDP, HSDP 2x2, TP x replicate, FSDP x TP (+SP), AC full/selective, bf16
     results = run_nccl(_strategies_worker, gpu_world(), timeout=120, names=[name])
     _check(results[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_nccl_fsdp_cpu_offload_trains_like_no_offload() -> None:
+    results = run_nccl(_offload_worker, gpu_world(), timeout=120)
+    _check(results[0])
+    for name, r in results[0].items():
+        if "offload" in name and "no_offload" not in name:
+            assert r["vs_no_offload"] < LOSS_ATOL, (name, r)
 
 
 @pytest.mark.gpu
