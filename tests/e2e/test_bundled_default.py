@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipes._runs import automodel_in_process
 
 
 def _automodel(
@@ -41,6 +42,7 @@ def test_finetune_bundled_default_end_to_end(tmp_path: Path) -> None:
     proc = _automodel(*args, cwd=tmp_path, env={"AUTOMODEL_OUTPUT_DIR": str(out_dir)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
+    assert any(line.endswith("float32 on cpu x1") for line in lines if line.startswith("model "))
 
     losses = [float(m) for m in re.findall(r"step \d+/60 loss=([0-9.]+)", proc.stdout)]
     assert len(losses) == 6, proc.stdout
@@ -70,10 +72,11 @@ def test_finetune_bundled_default_end_to_end(tmp_path: Path) -> None:
     assert (out_dir / "metrics.jsonl").is_file() and (out_dir / "FINISHED").is_file()
     assert (out_dir / "checkpoints" / "step_60" / "model.safetensors").is_file()
 
-    # Running again into the finished run refuses in one line and leaves everything in place.
+    # Running again into the finished run refuses in one line and leaves everything in place
+    # (the same CLI, in this process: no second interpreter and torch import needed for it).
     before = {p: p.stat().st_mtime_ns for p in out_dir.rglob("*") if p.is_file()}
-    again = _automodel(*args, cwd=tmp_path, env={"AUTOMODEL_OUTPUT_DIR": str(out_dir)})
-    assert again.returncode == 1
+    again = automodel_in_process(*args, f"training.output_dir={out_dir}")
+    assert again.exit_code == 1
     err = again.stderr.strip().splitlines()
     assert len(err) == 1 and "already holds a finished run" in err[0], again.stderr
     assert "if_output_exists=resume" in err[0]

@@ -1,12 +1,17 @@
-"""Helpers for tests that run the `automodel` CLI in real subprocesses on the bundled tiny model."""
+"""Helpers for tests that run the `automodel` CLI (subprocess or in-process) on the bundled tiny model."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+DRIVER = Path(__file__).with_name("_drive_cli.py")
+"""Runs several CLI invocations in one subprocess: one interpreter and torch import for all."""
 
 # A few steps on the bundled 0.7M-parameter Llama and 32 chats: seconds per run.
 QUICK = [
@@ -38,6 +43,15 @@ def automodel(*args: str, cwd: Path, timeout: float = 400) -> subprocess.Complet
     )
 
 
+def split_runs(stdout: str) -> list[tuple[int, str]]:
+    """Returns (exit code, output) per run from the output of ``_drive_cli.py``."""
+    out = []
+    for part in re.split(r"== run \d+ ==\n", stdout)[1:]:
+        body, code = part.rsplit("== exit ", 1)
+        out.append((int(code.split()[0]), body))
+    return out
+
+
 def losses(output_dir: Path) -> dict[int, float]:
     """Returns step -> training loss from a run's metrics.jsonl (the last record of each step)."""
     out: dict[int, float] = {}
@@ -46,3 +60,38 @@ def losses(output_dir: Path) -> dict[int, float]:
         if "loss" in rec:
             out[rec["step"]] = rec["loss"]
     return out
+
+
+@dataclass
+class InProcessRun:
+    """The result of :func:`automodel_in_process`: exit code and the captured stdout/stderr."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def automodel_in_process(*args: str) -> InProcessRun:
+    """Runs ``automodel ARGS`` through the real click entry point in this process, on 1 CPU thread.
+
+    For runs that need no process of their own (references, policies, resume): the recipe, the
+    models, the data, the checkpoints are the same as in a subprocess, minus the interpreter and
+    torch start-up. One intra-op thread, like ``cli_env``, keeps the floating-point reductions
+    bit-identical with subprocess runs.
+    """
+    import torch
+    from click.testing import CliRunner
+
+    from automodel.recipes.cli import main
+
+    if args and args[0] in ("run", "finetune", "pretrain", "distill", "benchmark"):
+        args = (*args, "training.device=cpu")  # as CUDA_VISIBLE_DEVICES="" does for subprocesses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(
+            main, [*args], env={"OMP_NUM_THREADS": "1"}, catch_exceptions=False
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return InProcessRun(res.exit_code, res.stdout, res.stderr)

@@ -142,3 +142,22 @@ def test_config_cli_show_validate_schema_recipes(tmp_path: Path):
     listed = runner.invoke(main, ["recipes"]).output
     for name in ("sft", "pretrain", "distill", "vlm_sft", "classification", "benchmark"):
         assert name in listed
+
+
+def test_fp8_enabled_without_gpu_or_torchao_is_a_one_line_error(tmp_path: Path):
+    """fp8 is applied by every recipe; on a CPU it stops before loading the model, in one line."""
+    import importlib.util
+
+    from recipes._runs import automodel_in_process
+
+    res = automodel_in_process(
+        "benchmark", "fp8.enabled=true", "fp8.recipe=rowwise", "training.max_steps=1",
+        f"training.output_dir={tmp_path}",
+    )  # fmt: skip
+    assert res.exit_code == 2, res.stdout + res.stderr
+    (err,) = res.stderr.strip().splitlines()
+    assert err.startswith("error: fp8.enabled=true needs a CUDA GPU of compute capability 8.9+")
+    assert "this run is on cpu" in err and err.endswith("set fp8.enabled=false to train in bf16")
+    if importlib.util.find_spec("torchao") is None:
+        assert "pip install 'automodel-kernels[fp8]'" in err
+    assert "benchmark" not in res.stdout  # failed before the model was built

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from recipes._runs import QUICK, cli_env
+from recipes._runs import QUICK, automodel_in_process
 
 from automodel.recipes._bundled import default_config
 from automodel.recipes.config import LRSchedulerSection
@@ -30,27 +27,25 @@ def test_lr_schedules():
     assert all(a >= b for a, b in itertools.pairwise(values[15:]))
 
 
-@pytest.mark.slow
 def test_nonfinite_loss_skips_or_stops(tmp_path: Path):
-    driver = Path(__file__).with_name("_drive_cli.py")
-    common = [*QUICK, "training.max_steps=4", "training.loss._target_=_nan_loss.nan_on_third_call"]
-    runs = [
-        ["run", str(default_config("finetune")), *common, "training.on_nonfinite=skip", f"training.output_dir={tmp_path / 'skip'}"],
-        ["run", str(default_config("finetune")), *common, "training.on_nonfinite=stop", f"training.output_dir={tmp_path / 'stop'}"],
-    ]  # fmt: skip
-    outs = []
-    for run in runs:  # one process each: the NaN counter is per process
-        proc = subprocess.run(
-            [sys.executable, str(driver), json.dumps([run])], cwd=tmp_path, text=True, capture_output=True,
-            env=cli_env(PYTHONPATH=str(Path(__file__).parent)), timeout=400,
+    """Through the real CLI in this process (no subprocess needed): skip goes on, stop errors out."""
+    from recipes import _nan_loss
+
+    common = [*QUICK, "training.max_steps=4",
+              "training.loss._target_=recipes._nan_loss.nan_on_third_call"]  # fmt: skip
+    outs = {}
+    for policy in ("skip", "stop"):
+        _nan_loss.reset()
+        outs[policy] = automodel_in_process(
+            "run", str(default_config("finetune")), *common, f"training.on_nonfinite={policy}",
+            f"training.output_dir={tmp_path / policy}",
         )  # fmt: skip
-        outs.append(proc)
-    skip, stop = outs
-    assert "== exit 0 ==" in skip.stdout, skip.stdout + skip.stderr
+    skip, stop = outs["skip"], outs["stop"]
+    assert skip.exit_code == 0, skip.stdout + skip.stderr
     assert "step 3: non-finite loss or gradient, optimizer step skipped" in skip.stdout
-    assert (tmp_path / "skip" / "FINISHED").is_file()
-    assert "== exit 1 ==" in stop.stdout, stop.stdout + stop.stderr
+    assert "step 4/4 loss=" in skip.stdout and (tmp_path / "skip" / "FINISHED").is_file()
+    assert stop.exit_code == 1, stop.stdout + stop.stderr
     err = [line for line in stop.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "non-finite loss or gradient at step 3" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: non-finite loss or gradient at step 3")
     assert "training.on_nonfinite=skip" in err[0]
     assert not (tmp_path / "stop" / "FINISHED").exists()

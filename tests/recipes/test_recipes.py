@@ -1,19 +1,19 @@
-"""Every recipe runs a few steps through the real CLI on tiny models; outputs load in transformers/peft."""
+"""Every recipe runs a few steps through the real CLI (a subprocess) on tiny models; outputs load."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from recipes._runs import QUICK, cli_env, losses
+from recipes._runs import DRIVER, QUICK, cli_env, losses, split_runs
+from recipes._vlm_fixture import add_processor, write_vlm_data
 
 from automodel.recipes._bundled import BUNDLED_DIR
-
-DRIVER = Path(__file__).with_name("_drive_cli.py")
 
 
 def _drive(runs: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
@@ -22,19 +22,18 @@ def _drive(runs: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    parts = re.split(r"== run \d+ ==\n", proc.stdout)[1:]
-    out = []
-    for part in parts:
-        body, code = part.rsplit("== exit ", 1)
-        out.append((int(code.split()[0]), body))
+    out = split_runs(proc.stdout)
     assert len(out) == len(runs), proc.stdout + proc.stderr
     return out
 
 
 @pytest.mark.slow
-def test_pretrain_distill_lora_classification_benchmark(tmp_path: Path, tiny_model_dir):
+def test_pretrain_distill_lora_classification_vlm_benchmark(tmp_path: Path, tiny_model_dir):
+    """One subprocess runs the real CLI six times: one interpreter and torch import for all."""
     qwen3 = tiny_model_dir("qwen3")
     bert = tiny_model_dir("bert")
+    llava = add_processor(Path(shutil.copytree(tiny_model_dir("llava"), tmp_path / "llava")))
+    vlm_data = write_vlm_data(tmp_path / "vlm", 4)
     cls_data = tmp_path / "cls.jsonl"
     words = ["good", "bad", "fine"]
     cls_data.write_text(
@@ -54,6 +53,10 @@ def test_pretrain_distill_lora_classification_benchmark(tmp_path: Path, tiny_mod
          f"data.validation.path={cls_data}", "data.train.limit=null", "data.max_length=32",
          f"training.output_dir={tmp_path / 'cls'}"],
         ["benchmark", "training.max_steps=2", "benchmark.window=1", "benchmark.warmup_steps=1", "benchmark.seq_len=32"],
+        ["run", str(Path(__file__).parents[2] / "examples" / "vlm_sft.yaml"),
+         *[a for a in quick if not a.startswith("data.train.limit")], "training.max_steps=2",
+         "training.micro_batch_size=2", "model.dtype=float32", f"model.name_or_path={llava}",
+         f"data.train.path={vlm_data}", f"training.output_dir={tmp_path / 'vlm_out'}"],
     ]  # fmt: skip
     results = _drive(runs, tmp_path)
     for code, body in results:
@@ -95,3 +98,10 @@ def test_pretrain_distill_lora_classification_benchmark(tmp_path: Path, tiny_mod
     assert "| steps | tokens/s/rank | TFLOP/s/rank | MFU | peak GiB |" in bench
     assert re.search(r"steps 1-1: loss=[0-9.]+ tokens/s/rank=[0-9,]+ TFLOP/s/rank=", bench)
     assert str(BUNDLED_DIR / "tiny-llama") in bench
+    # VLM SFT: image chats through the processor; the saved folder is a Llava with its processor.
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    final = Path(results[5][1].strip().splitlines()[-1])
+    assert final == (tmp_path / "vlm_out" / "model").resolve()
+    assert AutoModelForImageTextToText.from_pretrained(final).config.model_type == "llava"
+    assert AutoProcessor.from_pretrained(final).chat_template

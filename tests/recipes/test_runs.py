@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,7 +12,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from recipes._runs import QUICK, automodel, cli_env, losses
+from recipes._runs import (
+    DRIVER,
+    QUICK,
+    automodel,
+    automodel_in_process,
+    cli_env,
+    losses,
+    split_runs,
+)
 
 from automodel.recipes._bundled import default_config
 from automodel.recipes.cli import main
@@ -29,16 +38,18 @@ def test_global_token_loss_is_the_same_for_accumulation_dp_and_two_slurm_nodes(t
         "accum": [*QUICK, *steps, "training.micro_batch_size=2", "training.grad_accum_steps=2"],
         "dp2": [*QUICK, *steps, "training.micro_batch_size=2"],
     }
-    procs = {}
-    for name, args in runs.items():
-        extra = ["--nproc-per-node", "2"] if name == "dp2" else []
-        procs[name] = automodel(
-            "run", CONFIG, *args, f"training.output_dir={tmp_path / name}", *extra, cwd=tmp_path
+    # One process: in this process. Two processes: the CLI's torchrun launch (a real subprocess).
+    for name in ("single", "accum"):
+        res = automodel_in_process(
+            "run", CONFIG, *runs[name], f"training.output_dir={tmp_path / name}"
         )
-        assert procs[name].returncode == 0, procs[name].stdout + procs[name].stderr
-    assert procs["dp2"].stdout.strip().splitlines()[-1] == str(
-        (tmp_path / "dp2" / "model").resolve()
-    )
+        assert res.exit_code == 0, res.stdout + res.stderr
+    dp2 = automodel(
+        "run", CONFIG, *runs["dp2"], f"training.output_dir={tmp_path / 'dp2'}", "--nproc-per-node", "2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert dp2.returncode == 0, dp2.stdout + dp2.stderr
+    assert dp2.stdout.strip().splitlines()[-1] == str((tmp_path / "dp2" / "model").resolve())
 
     # SLURM: the dry-run script is valid bash, and its torchrun command runs 2 nodes on localhost.
     port = free_port()
@@ -94,47 +105,52 @@ def test_global_token_loss_is_the_same_for_accumulation_dp_and_two_slurm_nodes(t
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_losses(tmp_path: Path):
-    args = [*QUICK, "training.max_steps=8", "optimizer.lr=0.003"]
-    full = automodel("run", CONFIG, *args, f"training.output_dir={tmp_path / 'full'}", cwd=tmp_path)
-    assert full.returncode == 0, full.stdout + full.stderr
+    """SIGTERM mid-run -> checkpoint and clean exit; the resumed run's losses are bit-identical.
 
-    out = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "automodel.recipes.cli",
-        "run",
-        CONFIG,
-        *args,
-        f"training.output_dir={out}",
+    One subprocess is signalled twice: an SFT run (map-style data) and a streaming pretraining
+    run (the stream position and the partly packed row come back from the checkpoint). The
+    uninterrupted references and the resumed runs go through the same CLI in this process.
+    """
+    runs = {
+        "sft": ["run", CONFIG, *QUICK, "training.max_steps=8", "optimizer.lr=0.003"],
+        "stream": ["pretrain", *QUICK, "training.max_steps=8", "data.streaming=true",
+                   "data.max_length=48", "training.micro_batch_size=2", "data.train.limit=40"],
+    }  # fmt: skip
+    killed = [
+        [*args, f"training.output_dir={tmp_path / name / 'killed'}"] for name, args in runs.items()
     ]
     proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+        [sys.executable, str(DRIVER), json.dumps(killed)], cwd=tmp_path, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
     assert proc.stdout is not None
-    seen = []
+    seen: list[str] = []
     for line in proc.stdout:
         seen.append(line)
         if line.startswith("step 2/8"):
             os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, "".join(seen)
-    text = "".join(seen)
-    m = re.search(r"received SIGTERM: checkpoint saved at step (\d+); exiting", text)
-    assert m is not None, text
-    stopped = int(m.group(1))
-    assert 2 <= stopped < 8
-    assert (out / "checkpoints" / f"step_{stopped}" / "model.safetensors").is_file()
-    assert seen[-1].strip() == str((out / "checkpoints" / f"step_{stopped}").resolve())
-    assert not (out / "FINISHED").exists() and not (out / "model").exists()
+    assert proc.wait(timeout=300) == 0, "".join(seen)
+    bodies = split_runs("".join(seen))
+    assert [code for code, _ in bodies] == [0, 0], "".join(seen)
 
-    resumed = automodel("run", CONFIG, *args, f"training.output_dir={out}", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"at step {stopped}" in resumed.stdout
-    ref, got = losses(tmp_path / "full"), losses(out)
-    assert sorted(got) == list(range(1, 9))
-    assert got == ref  # bit-identical: model, optimizer, schedule, data position and RNG restored
+    for (name, args), (_, text) in zip(runs.items(), bodies):
+        out = tmp_path / name / "killed"
+        m = re.search(r"received SIGTERM: checkpoint saved at step (\d+); exiting", text)
+        assert m is not None, text
+        stopped = int(m.group(1))
+        assert 2 <= stopped < 8
+        assert (out / "checkpoints" / f"step_{stopped}" / "model.safetensors").is_file()
+        assert text.strip().splitlines()[-1] == str(
+            (out / "checkpoints" / f"step_{stopped}").resolve()
+        )
+        assert not (out / "FINISHED").exists() and not (out / "model").exists()
+
+        full = automodel_in_process(*args, f"training.output_dir={tmp_path / name / 'full'}")
+        assert full.exit_code == 0, full.stdout + full.stderr
+        resumed = automodel_in_process(*args, f"training.output_dir={out}")
+        assert resumed.exit_code == 0, resumed.stdout + resumed.stderr
+        assert f"at step {stopped}" in resumed.stdout
+        ref, got = losses(tmp_path / name / "full"), losses(out)
+        assert sorted(got) == list(range(1, 9))
+        # Bit-identical: model, optimizer, schedule, data position and RNG restored.
+        assert got == ref, (name, got, ref)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from automodel.recipes._components import build_loss, build_optimizer, lm_inputs
+from automodel.recipes._fp8 import apply_fp8, check_fp8
 from automodel.recipes._model_io import _load_model, load_tokenizer, sample, save_final
 from automodel.recipes._peft import apply_lora
 from automodel.recipes.config import RecipeConfig
@@ -57,6 +58,7 @@ def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> P
     """Trains a causal LM per ``cfg`` with the loss ``make_loss`` builds; returns the output folder."""
     t = cfg.training
     rt = setup_runtime(t.device)
+    check_fp8(cfg.fp8, rt.device)  # fail in a second, not after loading the model
     out = RunDir(t.output_dir)
     out.check(cfg)
     if rt.distributed:
@@ -81,7 +83,8 @@ def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> P
         else None
     )
 
-    model = _load_model(cfg.model).to(rt.device)
+    model = _load_model(cfg.model, device=rt.device).to(rt.device)
+    model = apply_fp8(model, cfg.fp8, rt.device)
     if cfg.peft is not None:
         model = apply_lora(model, cfg.peft)
     par = parallelize_for_training(model, cfg.parallel, rt)

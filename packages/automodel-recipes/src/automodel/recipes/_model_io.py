@@ -29,7 +29,21 @@ def _auto_class(kind: str) -> Any:
     return getattr(transformers, kind)
 
 
-def _load_model(cfg: ModelSection, kind: str = "AutoModelForCausalLM", **kwargs: Any) -> Any:
+def resolve_dtype(name: str, device: torch.device | None) -> torch.dtype:
+    """Returns the torch dtype for ``model.dtype``; ``auto`` is bfloat16 on a CUDA device, else float32."""
+    if name == "auto":
+        cuda = device is not None and device.type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return _DTYPES[name]
+
+
+def _load_model(
+    cfg: ModelSection,
+    kind: str = "AutoModelForCausalLM",
+    *,
+    device: torch.device | None = None,
+    **kwargs: Any,
+) -> Any:
     """Returns the model for ``cfg`` (weights loaded, or random init when ``from_scratch``).
 
     The one place recipes build models, so switching to automodel.core is a one-line change.
@@ -45,7 +59,7 @@ def _load_model(cfg: ModelSection, kind: str = "AutoModelForCausalLM", **kwargs:
             f"model.name_or_path {path!r} has no config.json; point it at an HF model folder"
         )
     cls = _auto_class(kind)
-    dtype = _DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype, device)
     extra: dict[str, Any] = dict(kwargs)
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from automodel.recipes._components import build_optimizer, token_loss_sum
+from automodel.recipes._fp8 import apply_fp8, check_fp8
 from automodel.recipes._model_io import _load_model
 from automodel.recipes.config import RecipeConfig
 from automodel.recipes.train import build_scheduler, setup_runtime, teardown_runtime
@@ -30,8 +31,10 @@ def run(cfg: RecipeConfig) -> Path:
     """Runs the benchmark per ``cfg``; prints one row per window and a markdown table; returns output_dir."""
     t, b = cfg.training, cfg.benchmark
     rt = setup_runtime(t.device)
+    check_fp8(cfg.fp8, rt.device)  # fail in a second, not after loading the model
     torch.manual_seed(t.seed)
-    model = _load_model(cfg.model).to(rt.device)
+    model = _load_model(cfg.model, device=rt.device).to(rt.device)
+    model = apply_fp8(model, cfg.fp8, rt.device)
     fpt = flops_per_token(model, b.seq_len)  # before sharding: counts full matrices
     par = parallelize_for_training(model, cfg.parallel, rt)
     model, rt = par.model, par.runtime

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from automodel.recipes._components import build_optimizer
+from automodel.recipes._fp8 import apply_fp8, check_fp8
 from automodel.recipes._model_io import _load_model, load_tokenizer, save_final
 from automodel.recipes.config import ConfigError, RecipeConfig
 from automodel.recipes.data import ShardedBatches, build_examples, collate
@@ -43,6 +44,7 @@ def run(cfg: RecipeConfig) -> Path:
         raise ConfigError("data.packing does not apply to classification; set it to false")
     t = cfg.training
     rt = setup_runtime(t.device)
+    check_fp8(cfg.fp8, rt.device)  # fail in a second, not after loading the model
     out = RunDir(t.output_dir)
     out.check(cfg)
     if rt.distributed:
@@ -55,7 +57,10 @@ def run(cfg: RecipeConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     assert cfg.data.train is not None
     examples = build_examples(cfg.data, cfg.data.train, tokenizer, log=metrics.print)
-    model = _load_model(cfg.model, "AutoModelForSequenceClassification").to(rt.device)
+    model = _load_model(cfg.model, "AutoModelForSequenceClassification", device=rt.device).to(
+        rt.device
+    )
+    model = apply_fp8(model, cfg.fp8, rt.device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # the head pools the last real token
     par = parallelize_for_training(model, cfg.parallel, rt)

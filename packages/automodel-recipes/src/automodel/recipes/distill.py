@@ -48,7 +48,7 @@ def _distill_loss(
     assert cfg.distill is not None
     d = cfg.distill
     teacher_cfg = ModelSection(name_or_path=d.teacher, dtype=d.teacher_dtype or cfg.model.dtype)
-    teacher = _load_model(teacher_cfg).to(rt.device).eval().requires_grad_(False)
+    teacher = _load_model(teacher_cfg, device=rt.device).to(rt.device).eval().requires_grad_(False)
 
     def loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = lm_inputs(batch)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from automodel.recipes._components import build_loss, build_optimizer, lm_inputs
+from automodel.recipes._fp8 import apply_fp8, check_fp8
 from automodel.recipes._model_io import _load_model, load_tokenizer, save_final
 from automodel.recipes.config import ConfigError, RecipeConfig
 from automodel.recipes.data import IGNORE_INDEX, ShardedBatches
@@ -40,6 +41,7 @@ def run(cfg: RecipeConfig) -> Path:
         raise ConfigError("data.packing is not supported for vlm_sft; set it to false")
     t = cfg.training
     rt = setup_runtime(t.device)
+    check_fp8(cfg.fp8, rt.device)  # fail in a second, not after loading the model
     out = RunDir(t.output_dir)
     out.check(cfg)
     if rt.distributed:
@@ -54,7 +56,8 @@ def run(cfg: RecipeConfig) -> Path:
     assert cfg.data.train is not None
     examples = build_vlm_examples(cfg.data, cfg.data.train, processor, log=metrics.print)
 
-    model = _load_model(cfg.model, "AutoModelForImageTextToText").to(rt.device)
+    model = _load_model(cfg.model, "AutoModelForImageTextToText", device=rt.device).to(rt.device)
+    model = apply_fp8(model, cfg.fp8, rt.device)
     par = parallelize_for_training(model, cfg.parallel, rt)
     model, rt = par.model, par.runtime
     metrics.print(

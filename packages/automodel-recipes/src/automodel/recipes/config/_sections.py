@@ -22,8 +22,9 @@ class ModelSection(Section):
 
     name_or_path: str
     """A local HF folder or hub id (hub needs network)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype. bfloat16 halves memory and speeds up GPU matmuls; keep float32 on CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype. bfloat16 halves memory and speeds up GPU matmuls; keep float32 on CPU.
+    ``auto``: bfloat16 on a GPU, float32 on CPU (the same file runs well on both)."""
     from_scratch: bool = False
     """Build from config.json with random weights (pretraining) instead of loading weights."""
     attn_implementation: str | None = None
@@ -192,17 +193,25 @@ class PeftSection(Section):
 
 
 class Fp8Section(Section):
-    """FP8 matmuls through torchao (GPU, Hopper+): ~1.3-1.5x faster linear layers."""
+    """FP8 matmuls through torchao (GPU of compute capability 8.9+: H100/H200): faster linears.
+
+    Needs the ``automodel-kernels[fp8]`` extra (torchao); enabling it on a CPU is an error.
+    """
 
     enabled: bool = False
-    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"
+    """torchao scaling: tensorwise is fastest; rowwise is more accurate for outlier-heavy layers."""
+    filter_fqns: list[str] = Field(default_factory=lambda: ["lm_head"])
+    """Linears whose name contains one of these stay in bf16 (lm_head: accuracy-sensitive)."""
+    min_features: int = Field(default=1024, gt=0)
+    """Smaller linears stay in bf16: the scaling overhead outweighs the FP8 gain below ~1024."""
 
 
 class DistillSection(Section):
     """Knowledge distillation: teacher model, temperature, KD/CE mix."""
 
     teacher: str
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     temperature: float = Field(default=1.0, gt=0.0)
     kd_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     """loss = kd_weight * KL(teacher || student) + (1 - kd_weight) * CE."""

@@ -51,7 +51,9 @@ def parallelize_for_training(model: Any, cfg: ParallelSection, rt: Runtime) -> P
 
 
 def describe(model: Any) -> str:
-    """Returns a one-line summary: total and trainable parameter counts (local shards)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)"
+    """Returns a one-line summary: total and trainable parameter counts (local shards), dtype."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else "no parameters"
+    return f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), {dtype}"
