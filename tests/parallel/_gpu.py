@@ -49,7 +49,7 @@ def run_nccl(
 ) -> list[Any]:
     """Returns ``fn(rank, world_size, **kwargs)`` of each rank, one GPU per rank (NCCL)."""
     env = {
-        "CUDA_VISIBLE_DEVICES": "" if ON_CPU else ",".join(str(i) for i in range(world_size)),
+        "CUDA_VISIBLE_DEVICES": "" if ON_CPU else ",".join(_visible_gpus()[:world_size]),
         "NCCL_NVLS_ENABLE": "0",  # NVLink multicast is off on the lent machines
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -59,6 +59,14 @@ def run_nccl(
     return run_distributed(
         fn, world_size, timeout=timeout, init_process_group=False, env=env, **kwargs
     )
+
+
+def _visible_gpus() -> list[str]:
+    """Returns the GPUs this process may use, as CUDA_VISIBLE_DEVICES entries."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def init_nccl() -> str:
