@@ -49,7 +49,7 @@ SHAPES: dict[str, dict[str, int]] = {
 OPS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy")
 IMPLS = ("eager", "compile", "liger", "automodel")
 # Extra automodel variants of linear_cross_entropy: tokens per chunk.
-LCE_CHUNKS = (512,)
+LCE_CHUNKS = (256, 1024)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 BF16 = 2
 
