@@ -52,8 +52,16 @@ def _grouped_forward(
     permuted, row_map, tokens_per_expert = permute(hidden_states, top_k_index, num_experts)
     gate_up = grouped_mm(permuted, self.gate_up_proj.transpose(1, 2), tokens_per_expert)
     gate, up = gate_up.chunk(2, dim=-1)
+    lora = _active_lora(self)
+    if lora is not None:  # automodel.core.peft's per-expert LoRA: two more grouped GEMMs each
+        if "gate" in lora.projections:
+            gate = gate + lora.delta("gate", permuted, tokens_per_expert)
+        if "up" in lora.projections:
+            up = up + lora.delta("up", permuted, tokens_per_expert)
     act = swiglu(gate, up) if _is_silu(self.act_fn) else self.act_fn(gate) * up
     out = grouped_mm(act, self.down_proj.transpose(1, 2), tokens_per_expert)
+    if lora is not None and "down" in lora.projections:
+        out = out + lora.delta("down", act, tokens_per_expert)
     # Kept on device (no sync) for moe_load_stats; detached so it never holds the graph.
     self._automodel_tokens_per_expert = tokens_per_expert.detach()
     return unpermute(out, row_map, top_k_weights.to(out.dtype)).to(hidden_states.dtype)
@@ -117,6 +125,7 @@ def grouped_forward_matches(module: nn.Module, *, max_experts: int = 4, atol: fl
     except Exception:  # a wrapper class that cannot be copied (FSDP2's): not ours to judge
         return False
     probe._parameters = dict(module._parameters)
+    probe._modules = {k: v for k, v in module._modules.items() if k != "lora"}  # no adapter
     probe._parameters["gate_up_proj"] = nn.Parameter(
         torch.randn(num_experts, int(two_inter), int(hidden), generator=gen, device="cpu") * 0.1
     )
@@ -144,6 +153,12 @@ def grouped_forward_matches(module: nn.Module, *, max_experts: int = 4, atol: fl
         and got.shape == expected.shape
         and torch.allclose(got, expected, atol=atol, rtol=0)
     )
+
+
+def _active_lora(module: Any) -> Any:
+    """Returns the unmerged ``ExpertsLora`` child of an experts module (``automodel.core.peft``)."""
+    lora = module._modules.get("lora")
+    return None if lora is None or getattr(lora, "merged", False) else lora
 
 
 def patch_moe_experts(model: nn.Module) -> list[str]:

@@ -58,6 +58,21 @@ class MoEKeyMap(KeyMap):
             return self._rename_block(name)
         return name
 
+    def expert_module(self, experts_fqn: str, expert: int, proj: str) -> str:
+        """Returns the Hub's per-expert module name of ``proj`` (``"gate"``, ``"up"``, ``"down"``).
+
+        Example:
+            >>> MoEKeyMap("mixtral", 8).expert_module("model.layers.0.mlp.experts", 3, "gate")
+            'model.layers.0.block_sparse_moe.experts.3.w1'
+        """
+        names = {"gate": self.gate, "up": self.up, "down": self.down}
+        if proj not in names:
+            raise ValueError(f"expert_module: proj={proj!r}; expected one of {sorted(names)}")
+        if experts_fqn == "mlp.experts" or experts_fqn.endswith(".mlp.experts"):
+            prefix = experts_fqn[: -len("mlp.experts")]
+            return f"{prefix}{self.block}.experts.{expert}.{names[proj]}"
+        return f"{experts_fqn}.{expert}.{names[proj]}"
+
     def _expert_key(self, prefix: str, expert: int, proj: str) -> str:
         return f"{prefix}{self.block}.experts.{expert}.{proj}.weight"
 

@@ -14,22 +14,27 @@ from automodel.core.peft.apply import (
     adapter_modules,
     adapter_parameters,
     apply_peft,
+    expert_adapters,
     merge_adapters,
     reset_adapters,
     unmerge_adapters,
 )
 from automodel.core.peft.config import LoraConfig
+from automodel.core.peft.experts import ExpertsLora
 from automodel.core.peft.hf_format import load_adapter, save_adapter, save_pretrained_adapter
 from automodel.core.peft.lora_linear import LoraLinear, adapter_placements
-from automodel.core.peft.targets import find_target_modules
+from automodel.core.peft.targets import find_target_experts, find_target_modules
 
 __all__ = [
+    "ExpertsLora",
     "LoraConfig",
     "LoraLinear",
     "adapter_modules",
     "adapter_parameters",
     "adapter_placements",
     "apply_peft",
+    "expert_adapters",
+    "find_target_experts",
     "find_target_modules",
     "load_adapter",
     "merge_adapters",

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from automodel.core.peft.config import LoraConfig, as_lora_config
+from automodel.core.peft.experts import ExpertsLora, attach_experts_lora, merge_experts_lora
 from automodel.core.peft.lora_linear import ADAPTER_PARAMS, LoraLinear
-from automodel.core.peft.targets import find_target_modules
+from automodel.core.peft.targets import find_target_experts, find_target_modules
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -19,8 +20,9 @@ def apply_peft(model: ModelT, config: LoraConfig | Mapping[str, Any]) -> ModelT:
     """Returns ``model`` with LoRA adapters on the targeted linears and everything else frozen.
 
     The model is changed in place: each targeted ``nn.Linear`` is replaced by a ``LoraLinear``
-    that shares its weight and bias, every base parameter gets ``requires_grad=False`` and only the
-    adapter tensors train. Call it *before* FSDP2 / tensor parallelism (``parallelize``,
+    that shares its weight and bias, each targeted fused MoE experts module gets per-expert
+    factors (``ExpertsLora``, run by its grouped forward; see ``find_target_experts``), every base
+    parameter gets ``requires_grad=False`` and only the adapter tensors train. Call it *before* FSDP2 / tensor parallelism (``parallelize``,
     ``fully_shard``): the adapters are then sharded along with their base layers.
 
     Args:
@@ -40,13 +42,23 @@ def apply_peft(model: ModelT, config: LoraConfig | Mapping[str, Any]) -> ModelT:
         >>> model = apply_peft(model, LoraConfig(rank=16, alpha=32, target_modules="all-linear"))
     """
     config = as_lora_config(config)
-    if adapter_modules(model):
+    if adapter_modules(model) or expert_adapters(model):
         raise ValueError(
             f"{type(model).__name__} already has LoRA adapters; automodel keeps one adapter per "
             "model: merge_adapters(model, unload=True) first to stack a new one on the merged weights"
         )
     names = find_target_modules(model, config)
+    experts = find_target_experts(model, config)
     modules = dict(model.named_modules())
+    if experts and (config.use_dora or config.dropout > 0 or config.quantize_base is not None):
+        raise ValueError(
+            f"LoRA on MoE experts ({next(iter(experts))!r}, ...) supports neither DoRA, dropout "
+            f"nor a quantized base (got use_dora={config.use_dora}, dropout={config.dropout}, "
+            f"quantize_base={config.quantize_base!r}), like peft's parameter adapters: set them "
+            "off or exclude the experts (exclude_modules=[...'experts'])"
+        )
+    for name in experts:
+        _refuse_sharded_experts(name, modules[name])
     for name in names:
         base = modules[name]
         _refuse_sharded(name, base)
@@ -70,6 +82,16 @@ def apply_peft(model: ModelT, config: LoraConfig | Mapping[str, Any]) -> ModelT:
             init=config.init,
         )
         _set_submodule(model, name, lora)
+    for name, projections in experts.items():
+        attach_experts_lora(
+            name,
+            modules[name],
+            projections,
+            rank=config.rank,
+            alpha=config.alpha,
+            use_rslora=config.use_rslora,
+            init=config.init,
+        )
     if config.quantize_base is not None:
         from automodel.core.peft.qlora import quantize_nf4
 
@@ -102,7 +124,8 @@ def reset_adapters(model: ModelT, *, seed: int | None = None) -> ModelT:
         >>> reset_adapters(model, seed=0)                             # doctest: +SKIP
     """
     modules = adapter_modules(model)
-    if not modules:
+    experts = expert_adapters(model)
+    if not modules and not experts:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters; apply_peft first")
     config: LoraConfig | None = getattr(model, "_automodel_lora_config", None)
     init = config.init if config is not None else "default"
@@ -110,6 +133,8 @@ def reset_adapters(model: ModelT, *, seed: int | None = None) -> ModelT:
     reshard_fsdp(model)
     for lora in modules.values():
         lora.reset_adapter_parameters(init, generator=generator)
+    for expert_lora in experts.values():
+        expert_lora.reset_adapter_parameters(init, generator=generator)
     return model
 
 
@@ -118,14 +143,26 @@ def adapter_modules(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
+def expert_adapters(model: nn.Module) -> dict[str, ExpertsLora]:
+    """Returns ``{experts module FQN: ExpertsLora}`` for every adapted MoE experts module."""
+    return {
+        name[: -len(".lora")] if name.endswith(".lora") else name: m
+        for name, m in model.named_modules()
+        if isinstance(m, ExpertsLora)
+    }
+
+
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Returns ``{qualified name: parameter}`` of the adapter tensors only (what an optimizer needs)."""
-    return {
+    params = {
         f"{name}.{p}": getattr(m, p)
         for name, m in adapter_modules(model).items()
         for p in ADAPTER_PARAMS
         if p in m._parameters
     }
+    for name, lora in expert_adapters(model).items():
+        params.update({f"{name}.lora.{p}": param for p, param in lora.named_parameters()})
+    return params
 
 
 def merge_adapters(model: ModelT, *, unload: bool = False) -> ModelT:
@@ -145,13 +182,19 @@ def merge_adapters(model: ModelT, *, unload: bool = False) -> ModelT:
         >>> unmerge_adapters(model)               # back to training the adapter  # doctest: +SKIP
     """
     modules = adapter_modules(model)
-    if not modules:
+    experts = expert_adapters(model)
+    if not modules and not experts:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to merge; apply_peft first")
     reshard_fsdp(model)
     for name, lora in modules.items():
         lora.merge()
         if unload:
             _set_submodule(model, name, lora.to_linear())
+    for name in experts:
+        experts_module = model.get_submodule(name)
+        merge_experts_lora(experts_module, merge=True)
+        if unload:
+            del experts_module.lora
     if unload and hasattr(model, "_automodel_lora_config"):
         del model._automodel_lora_config
     return model
@@ -164,11 +207,14 @@ def unmerge_adapters(model: ModelT) -> ModelT:
         >>> unmerge_adapters(merge_adapters(model))  # same outputs, adapter trainable again  # doctest: +SKIP
     """
     modules = adapter_modules(model)
-    if not modules:
+    experts = expert_adapters(model)
+    if not modules and not experts:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to unmerge")
     reshard_fsdp(model)
     for lora in modules.values():
         lora.unmerge()
+    for name in experts:
+        merge_experts_lora(model.get_submodule(name), merge=False)
     return model
 
 
@@ -176,6 +222,19 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def _refuse_sharded_experts(name: str, module: nn.Module) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if (
+        isinstance(getattr(module, "gate_up_proj", None), DTensor)
+        or "FSDP" in type(module).__name__
+    ):
+        raise ValueError(
+            f"{name!r} is already sharded (DTensor / FSDP / expert parallel): call apply_peft "
+            "before parallelize / fully_shard so the adapters are sharded with their experts"
+        )
 
 
 def _refuse_sharded(name: str, module: nn.Module) -> None:

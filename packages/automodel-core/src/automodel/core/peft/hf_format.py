@@ -1,7 +1,8 @@
 """Adapters on disk in the Hugging Face peft format: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
 Key names are peft's: ``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight`` and, for DoRA,
-``...lora_magnitude_vector``; ``<module>`` is the layer's qualified name in the transformers model.
+``...lora_magnitude_vector``; ``<module>`` is the layer's qualified name in the transformers model,
+or for fused MoE experts the Hub's per-expert module (``...block_sparse_moe.experts.3.w1``).
 So an adapter saved here loads with ``peft.PeftModel.from_pretrained(base, path)`` (and in vLLM),
 and one saved by peft loads here with ``load_adapter``.
 """
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from automodel.core.peft.apply import adapter_modules, apply_peft, reshard_fsdp
+from automodel.core.peft.apply import adapter_modules, apply_peft, expert_adapters, reshard_fsdp
 from automodel.core.peft.config import LoraConfig
+from automodel.core.peft.experts import ExpertsLora, per_expert_module_names
 from automodel.core.peft.lora_linear import LoraLinear, _assign_full
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,7 +56,8 @@ def save_adapter(
         >>> peft.PeftModel.from_pretrained(base, "out/adapter")   # doctest: +SKIP
     """
     modules = adapter_modules(model)
-    if not modules:
+    experts = expert_adapters(model)
+    if not modules and not experts:
         raise ValueError(
             f"{type(model).__name__} has no LoRA adapters to save; apply_peft(model, config) first"
         )
@@ -63,13 +66,18 @@ def save_adapter(
         for name, lora in modules.items()
         for param, key in _file_keys(name, lora).items()
     }
+    model_type = _model_type(model)
+    for name, expert_lora in experts.items():
+        for param, expert, key in _expert_file_keys(model_type, name, expert_lora):
+            full = _full_tensor(getattr(expert_lora, param)).detach()
+            tensors[key] = full[expert].to("cpu").contiguous()
     path = Path(path)
     if _is_rank_zero():
         from safetensors.torch import save_file
 
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        config = _peft_config_dict(model, modules, base_model_name_or_path)
+        config = _peft_config_dict(model, modules, experts, base_model_name_or_path)
         (path / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _barrier()
     return path
@@ -104,15 +112,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
                 f"load_adapter({str(path)!r}): {needed.name} not found; expected a directory "
                 "written by save_adapter() or peft's save_pretrained() (safetensors format)"
             )
-    if not adapter_modules(model):
+    if not adapter_modules(model) and not expert_adapters(model):
         apply_peft(model, LoraConfig.from_peft(json.loads(config_file.read_text())))
     from safetensors.torch import load_file
 
     state = {_strip_prefix(k): v for k, v in load_file(str(weights_file)).items()}
-    expected: dict[str, tuple[LoraLinear, str]] = {}
+    # file key -> (module holding the tensor, parameter name, expert index or None)
+    expected: dict[str, tuple[Any, str, int | None]] = {}
     for name, lora in adapter_modules(model).items():
         for param, key in _file_keys(name, lora).items():
-            expected[_strip_prefix(key)] = (lora, param)
+            expected[_strip_prefix(key)] = (lora, param, None)
+    model_type = _model_type(model)
+    for name, expert_lora in expert_adapters(model).items():
+        for param, expert, key in _expert_file_keys(model_type, name, expert_lora):
+            expected[_strip_prefix(key)] = (expert_lora, param, expert)
     state = {_accept_legacy_magnitude(k, expected): v for k, v in state.items()}
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
@@ -124,9 +137,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             "was it trained on another architecture, or with other target_modules / use_dora?"
         )
     reshard_fsdp(model)
+    stacked: dict[tuple[int, str], list[torch.Tensor | None]] = {}
     with torch.no_grad():
-        for key, (lora, param) in expected.items():
-            _copy_full_into(getattr(lora, param), state[key], key)
+        for key, (module, param, index) in expected.items():
+            if index is None:
+                _copy_full_into(getattr(module, param), state[key], key)
+                continue
+            slots = stacked.setdefault((id(module), param), [None] * int(module.num_experts))
+            slots[index] = state[key]
+            if all(t is not None for t in slots):  # every expert read: one write per parameter
+                full = torch.stack([t for t in slots if t is not None])
+                _copy_full_into(getattr(module, param), full, key)
     return model
 
 
@@ -154,6 +175,21 @@ def _file_keys(name: str, lora: LoraLinear) -> dict[str, str]:
     }
 
 
+def _model_type(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", ""))
+
+
+def _expert_file_keys(model_type: str, name: str, lora: ExpertsLora) -> list[tuple[str, int, str]]:
+    """Returns ``(parameter, expert, file key)`` of every per-expert tensor of ``lora``."""
+    out = []
+    for proj in lora.projections:
+        modules = per_expert_module_names(model_type, name, lora.num_experts, proj)
+        for expert, module in enumerate(modules):
+            out.append((f"lora_A_{proj}", expert, f"{_PREFIX}{module}.lora_A.weight"))
+            out.append((f"lora_B_{proj}", expert, f"{_PREFIX}{module}.lora_B.weight"))
+    return out
+
+
 def _strip_prefix(key: str) -> str:
     return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
 
@@ -167,16 +203,33 @@ def _accept_legacy_magnitude(key: str, expected: dict[str, Any]) -> str:
 
 
 def _peft_config_dict(
-    model: nn.Module, modules: dict[str, LoraLinear], base_model_name_or_path: str | None
+    model: nn.Module,
+    modules: dict[str, LoraLinear],
+    experts: dict[str, ExpertsLora],
+    base_model_name_or_path: str | None,
 ) -> dict[str, Any]:
-    first = next(iter(modules.values()))
-    for name, lora in modules.items():
-        same = (lora.rank, lora.alpha, lora.dropout, lora.use_dora, lora.use_rslora)
-        if same != (first.rank, first.alpha, first.dropout, first.use_dora, first.use_rslora):
+    settings = {
+        name: (lora.rank, lora.alpha, lora.dropout, lora.use_dora, lora.use_rslora)
+        for name, lora in modules.items()
+    }
+    settings.update(
+        {name: (e.rank, e.alpha, 0.0, False, e.use_rslora) for name, e in experts.items()}
+    )
+    first_setting = next(iter(settings.values()))
+    for name, same in settings.items():
+        if same != first_setting:
             raise ValueError(
                 f"adapter of {name!r} (rank/alpha/dropout/DoRA/rsLoRA {same}) differs from the "
                 "others; the peft format written here needs one setting for all layers"
             )
+    rank, alpha, dropout, use_dora, use_rslora = first_setting
+    model_type = _model_type(model)
+    targets = sorted(modules) + sorted(
+        module
+        for name, e in experts.items()
+        for proj in e.projections
+        for module in per_expert_module_names(model_type, name, e.num_experts, proj)
+    )
     config: LoraConfig | None = getattr(model, "_automodel_lora_config", None)
     task_type = config.task_type if config is not None else None
     if task_type is None:
@@ -188,14 +241,15 @@ def _peft_config_dict(
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
-        "r": first.rank,
-        "lora_alpha": int(first.alpha) if float(first.alpha).is_integer() else first.alpha,
-        "lora_dropout": first.dropout,
+        "r": rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
         # Exact names, as peft itself writes after resolving "all-linear": no rule to re-interpret.
-        "target_modules": sorted(modules),
+        # MoE experts appear as the Hub's per-expert modules (peft converts them on load).
+        "target_modules": targets,
         "exclude_modules": None,
-        "use_dora": first.use_dora,
-        "use_rslora": first.use_rslora,
+        "use_dora": use_dora,
+        "use_rslora": use_rslora,
         "bias": "none",
         "lora_bias": False,
         "fan_in_fan_out": False,

@@ -19,7 +19,8 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     Rules (peft's): ``"all-linear"`` takes every ``nn.Linear`` but the output layer; a list matches
     a name equal to an entry or ending in ``"." + entry``; another string is a full-match regex.
     ``exclude_modules`` removes names by the same rules. A matched module that is not an
-    ``nn.Linear`` is an error (peft raises too), as is matching nothing.
+    ``nn.Linear`` is an error (peft raises too), as is matching nothing (linears and MoE experts:
+    see :func:`find_target_experts`).
 
     Example:
         >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
@@ -44,7 +45,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
                 "layers inside it (e.g. 'q_proj') or add it to exclude_modules"
             )
         found.append(name)
-    if not found:
+    if not found and not find_target_experts(model, config):
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ValueError(
@@ -52,6 +53,54 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
             f"{config.exclude_modules!r}) matches no linear layer of {type(model).__name__}; "
             f"its linear layers are named {leaf_names[:20]}"
         )
+    return found
+
+
+def find_target_experts(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, ...]]:
+    """Returns ``{experts FQN: adapted projections}`` for the fused MoE experts ``config`` targets.
+
+    transformers 5 fuses a layer's experts into one module (``automodel.core.moe``); the targets
+    are matched, with the rules of :func:`find_target_modules`, against the per-expert module
+    names of the Hub's layout that peft knows: ``model.layers.0.block_sparse_moe.experts.3.w1``
+    (Mixtral: ``w1`` gate, ``w3`` up, ``w2`` down) or ``model.layers.0.mlp.experts.3.gate_proj``
+    (Qwen-MoE, DeepSeek: ``gate_proj``, ``up_proj``, ``down_proj``). ``"all-linear"`` takes the
+    three projections of every experts module (they were linear layers before the fusion).
+    A projection targeted for some experts of a module but not all is an error.
+
+    Example:
+        >>> find_target_experts(mixtral, LoraConfig(target_modules=["w1", "w3"]))  # doctest: +SKIP
+        {'model.layers.0.mlp.experts': ('gate', 'up'), 'model.layers.1.mlp.experts': ('gate', 'up')}
+    """
+    from automodel.core.moe.grouped_experts import is_experts_module
+    from automodel.core.moe.state_dict_adapter import MoEKeyMap
+
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    found: dict[str, tuple[str, ...]] = {}
+    for name, module in model.named_modules():
+        if not is_experts_module(module) or _matches(config.exclude_modules, name):
+            continue
+        num_experts = int(module.gate_up_proj.shape[0])  # type: ignore[union-attr]
+        key_map = MoEKeyMap(model_type, num_experts)
+        projections = []
+        for proj in ("gate", "up", "down"):
+            names = [key_map.expert_module(name, e, proj) for e in range(num_experts)]
+            hits = [
+                n
+                for n in names
+                if (config.target_modules == ALL_LINEAR or _matches(config.target_modules, n))
+                and not _matches(config.exclude_modules, n)
+            ]
+            if len(hits) == num_experts:
+                projections.append(proj)
+            elif hits:
+                raise ValueError(
+                    f"target_modules={config.target_modules!r} adapts {len(hits)} of the "
+                    f"{num_experts} experts of {name!r} ({proj} projection, e.g. {hits[0]!r}); "
+                    "automodel adapts all experts of a layer or none: target the projection "
+                    "name (e.g. 'w1' or 'gate_proj') or exclude the whole experts module"
+                )
+        if projections:
+            found[name] = tuple(projections)
     return found
 
 
