@@ -83,6 +83,24 @@ def _helpers_check(rank: int) -> dict[str, Any]:
             "mismatch": mismatch}  # fmt: skip
 
 
+def _mesh_check(rank: int) -> dict[str, Any]:
+    """build_mesh on 4 ranks: sizes of every named and flattened dim, local ranks, a bad size."""
+    names = ["pp", "dp_replicate", "dp_shard", "cp", "tp", "dp", "dp_shard_cp", "dp_cp", "ep"]
+    out: dict[str, Any] = {}
+    mesh = build_mesh(ParallelConfig(dp_shard=-1, tp=2, ep=2))
+    out["ep_tp"] = {n: mesh[n].size() for n in [*names, "dp_shard_mod_ep"]}
+    out["ep_rank"] = mesh["ep"].get_local_rank()
+    out["tp_rank"] = mesh["tp"].get_local_rank()
+    mesh = build_mesh(ParallelConfig(dp_replicate=2, dp_shard=2))
+    out["hsdp"] = {n: mesh[n].size() for n in names}
+    out["dp_rank"] = mesh["dp"].get_local_rank()
+    try:
+        build_mesh(ParallelConfig(dp_shard=3))
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
 def _llama_worker(rank: int, world_size: int) -> dict[str, Any]:
     reference = reference_run("llama")
     out: dict[str, Any] = {n: compare("llama", c, reference) for n, c in LLAMA_CASES.items()}
@@ -90,6 +108,7 @@ def _llama_worker(rank: int, world_size: int) -> dict[str, Any]:
     out["bf16"] = compare("llama", bf16, reference)
     out["clip"] = _clip_check(rank)
     out["helpers"] = _helpers_check(rank)
+    out["mesh"] = _mesh_check(rank)
     dist.barrier()
     return out
 
@@ -120,6 +139,20 @@ def test_llama_strategies_match_single_process() -> None:
         "mesh dim 'tp' has size 2 but config.tp=1" in helpers[0]["mismatch"]
         and "build_mesh(config)" in helpers[0]["mismatch"]
     )
+    for rank, res in enumerate(results):
+        m = res["mesh"]
+        assert m["ep_tp"] == {
+            "pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2, "dp": 2,
+            "dp_shard_cp": 2, "dp_cp": 2, "ep": 2, "dp_shard_mod_ep": 1,
+        }  # fmt: skip
+        assert m["tp_rank"] == rank % 2  # tp is the innermost dim
+        assert m["ep_rank"] == rank // 2  # ep borrows dp_shard
+        assert m["hsdp"] == {
+            "pp": 1, "dp_replicate": 2, "dp_shard": 2, "cp": 1, "tp": 1, "dp": 4,
+            "dp_shard_cp": 2, "dp_cp": 4, "ep": 1,
+        }  # fmt: skip
+        assert m["dp_rank"] == rank
+        assert "= 3 != world size 4" in m["error"]
 
 
 def _architectures_worker(rank: int, world_size: int, names: list[str]) -> dict[str, Any]:
