@@ -44,6 +44,7 @@ def _set_routing_bias(model: torch.nn.Module) -> None:
             bias.copy_(torch.randn(bias.shape, generator=gen) * 0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MOE_MODELS + MORE_MOE_MODELS)
 def test_public_api_grouped_experts_match_transformers(name, tiny_model_dir, caplog):
     path = tiny_model_dir(name)
@@ -146,3 +147,18 @@ def test_dense_models_are_left_alone():
     model = build_tiny_model("llama")
     assert patch_moe_experts(model) == []
     assert isinstance(model, transformers.PreTrainedModel)
+
+
+def test_local_expert_hook_for_expert_parallelism_matches_a_loop():
+    # what an all-to-all forward calls with this rank's shard (experts 2..3 of 4)
+    experts = _experts(build_tiny_model("mixtral"))[0]
+    patch_moe_experts(torch.nn.ModuleList([experts]))
+    gate_up, down = experts.gate_up_proj[2:], experts.down_proj[2:]
+    rows = torch.randn(7, gate_up.shape[-1], generator=torch.Generator().manual_seed(0))
+    sizes = [3, 4]
+    got = experts.grouped_expert_mlp(rows, torch.tensor(sizes), gate_up, down)
+    want = []
+    for e, chunk in enumerate(rows.split(sizes)):
+        gate, up = torch.nn.functional.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+        want.append(torch.nn.functional.linear(experts.act_fn(gate) * up, down[e]))
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=1e-6)

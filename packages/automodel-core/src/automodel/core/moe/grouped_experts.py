@@ -50,21 +50,53 @@ def _grouped_forward(
 ) -> torch.Tensor:
     num_experts = int(self.gate_up_proj.shape[0])
     permuted, row_map, tokens_per_expert = permute(hidden_states, top_k_index, num_experts)
-    gate_up = grouped_mm(permuted, self.gate_up_proj.transpose(1, 2), tokens_per_expert)
-    gate, up = gate_up.chunk(2, dim=-1)
-    lora = _active_lora(self)
-    if lora is not None:  # automodel.core.peft's per-expert LoRA: two more grouped GEMMs each
-        if "gate" in lora.projections:
-            gate = gate + lora.delta("gate", permuted, tokens_per_expert)
-        if "up" in lora.projections:
-            up = up + lora.delta("up", permuted, tokens_per_expert)
-    act = swiglu(gate, up) if _is_silu(self.act_fn) else self.act_fn(gate) * up
-    out = grouped_mm(act, self.down_proj.transpose(1, 2), tokens_per_expert)
-    if lora is not None and "down" in lora.projections:
-        out = out + lora.delta("down", act, tokens_per_expert)
+    out = _expert_mlp(
+        self, permuted, tokens_per_expert, self.gate_up_proj, self.down_proj, _active_lora(self)
+    )
     # Kept on device (no sync) for moe_load_stats; detached so it never holds the graph.
     self._automodel_tokens_per_expert = tokens_per_expert.detach()
     return unpermute(out, row_map, top_k_weights.to(out.dtype)).to(hidden_states.dtype)
+
+
+def _expert_mlp(
+    self: Any,
+    rows: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    lora: Any = None,
+) -> torch.Tensor:
+    """Returns ``down_e(act(gate_e x) * up_e x)`` for ``rows`` grouped by expert (no routing weights)."""
+    gate_up = grouped_mm(rows, gate_up_proj.transpose(1, 2), tokens_per_expert)
+    gate, up = gate_up.chunk(2, dim=-1)
+    if lora is not None:  # automodel.core.peft's per-expert LoRA: two more grouped GEMMs each
+        if "gate" in lora.projections:
+            gate = gate + lora.delta("gate", rows, tokens_per_expert)
+        if "up" in lora.projections:
+            up = up + lora.delta("up", rows, tokens_per_expert)
+    act = swiglu(gate, up) if _is_silu(self.act_fn) else self.act_fn(gate) * up
+    out = grouped_mm(act, down_proj.transpose(1, 2), tokens_per_expert)
+    if lora is not None and "down" in lora.projections:
+        out = out + lora.delta("down", act, tokens_per_expert)
+    return out
+
+
+def _local_expert_mlp(
+    self: Any,
+    rows: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """The hook ``grouped_expert_mlp`` installed on patched experts, for expert parallelism.
+
+    Returns ``[N, H]``: each local expert's MLP on its consecutive block of ``rows`` (``[N, H]``,
+    counts ``tokens_per_expert`` ``[E_local]``) with the given local weight shards
+    (``[E_local, 2I, H]``, ``[E_local, H, I]``), as grouped GEMMs. An all-to-all forward (which
+    cannot import automodel.core) calls ``module.grouped_expert_mlp(...)`` when present instead
+    of its own loop over experts. No LoRA: expert adapters are not sharded with the experts.
+    """
+    return _expert_mlp(self, rows, tokens_per_expert, gate_up_proj, down_proj)
 
 
 def has_own_forward(module: nn.Module) -> bool:
@@ -100,6 +132,7 @@ def use_grouped_forward(module: nn.Module) -> bool:
             "experts before automodel.parallel.apply_expert_parallel"
         )
     module.forward = types.MethodType(_grouped_forward, module)  # type: ignore[method-assign]
+    setattr(module, "grouped_expert_mlp", types.MethodType(_local_expert_mlp, module))  # noqa: B010
     setattr(module, "_automodel_grouped", True)  # noqa: B010
     return True
 
