@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,19 +30,72 @@ def _with(**sections: dict) -> dict:
     return cfg
 
 
+# Keys that change speed or memory: every example explains its choice in a comment on that line.
+PERFORMANCE_KNOBS = (
+    "dtype", "teacher_dtype", "attn_implementation", "max_length", "packing", "streaming",
+    "micro_batch_size", "grad_accum_steps", "compile", "dp_shard", "tp", "cp", "pp", "ep",
+    "activation_checkpointing", "async_save", "every_steps", "seq_len", "quantize_base",
+    "enabled", "log_every",
+)  # fmt: skip
+
+
 def test_bundled_defaults_and_examples_validate():
     for path in sorted((BUNDLED_DIR / "configs").glob("*.yaml")):
         cfg = load_config(path, ["training.output_dir=/tmp/x"])
         assert isinstance(cfg, RecipeConfig)
     examples = sorted((ROOT / "examples").glob("*.yaml"))
-    assert len(examples) >= 8, examples
-    recipes = set()
+    assert len(examples) >= 10, examples
+    configs = {}
     for path in examples:
         text = path.read_text()
-        cfg = load_config(path)
-        recipes.add(cfg.recipe)
+        configs[path.name] = cfg = load_config(path)
         assert text.lstrip().startswith("#"), f"{path.name} needs a header comment"
-    assert recipes == {"sft", "pretrain", "distill", "vlm_sft", "classification", "benchmark"}
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            key = re.match(r"\s*(\w+):", line)
+            if key and key.group(1) in PERFORMANCE_KNOBS:
+                assert "#" in line, f"{path.name}:{lineno}: comment the performance knob: {line}"
+    assert {c.recipe for c in configs.values()} == {
+        "sft", "pretrain", "distill", "vlm_sft", "classification", "benchmark"
+    }  # fmt: skip
+
+    def find(pred) -> list[str]:
+        return [name for name, c in configs.items() if pred(c)]
+
+    # The coverage the issue asks for, by content rather than by file name.
+    assert find(
+        lambda c: (
+            c.recipe == "sft"
+            and c.model.name_or_path.endswith("Llama-3.2-1B-Instruct")
+            and c.peft is None
+        )
+    )
+    assert find(
+        lambda c: (
+            c.recipe == "sft"
+            and "Qwen3-8B" in c.model.name_or_path
+            and c.peft
+            and not c.peft.quantize_base
+        )
+    )
+    assert find(
+        lambda c: c.recipe == "sft" and c.peft is not None and c.peft.quantize_base == "nf4"
+    )
+    assert find(
+        lambda c: (
+            c.recipe == "sft"
+            and c.parallel.ep > 1
+            and re.search("Mixtral|Qwen3-30B-A3B", c.model.name_or_path)
+        )
+    )
+    assert find(
+        lambda c: (
+            c.recipe == "distill" and "8B" in c.distill.teacher and "1B" in c.model.name_or_path
+        )
+    )
+    assert find(lambda c: c.recipe == "pretrain" and c.model.from_scratch and not c.data.streaming)
+    assert find(lambda c: c.recipe == "pretrain" and c.model.from_scratch and c.data.streaming)
+    assert find(lambda c: c.recipe == "vlm_sft") and find(lambda c: c.recipe == "classification")
+    assert find(lambda c: c.recipe == "benchmark" and "fp8:" in (ROOT / "examples" / "benchmark_llama3_2_1b.yaml").read_text())  # fmt: skip
 
 
 def test_unknown_keys_name_location_and_suggestion():
