@@ -114,3 +114,34 @@ def test_expert_adapters_merge_unmerge_and_refusals(tiny_model_dir):
     one_expert = r"model\.layers\.0\.mlp\.experts\.3\.down_proj"
     with pytest.raises(ValueError, match="all experts of a layer or none"):
         apply_peft(fresh, LoraConfig(target_modules=one_expert))
+
+
+@pytest.mark.gpu
+def test_expert_adapters_bf16_on_gpu_match_fp32():
+    """The grouped forward with expert LoRA (``torch._grouped_mm`` on Hopper) in bf16 against fp32."""
+    from automodel.core.moe import is_experts_module
+    from harness.models import build_tiny_model
+
+    model = build_tiny_model("qwen3_moe")
+    config = LoraConfig(rank=8, alpha=16, target_modules="all-linear", init="random")
+    apply_peft(model, config)
+    experts = next(m for m in model.modules() if is_experts_module(m)).cuda()
+    gen = torch.Generator().manual_seed(0)
+    num_experts, _, hidden = experts.gate_up_proj.shape
+    x = torch.randn(256, hidden, generator=gen)
+    index = torch.rand(256, num_experts, generator=gen).argsort(dim=-1)[:, :2].cuda()
+    weights = torch.rand(256, 2, generator=gen).softmax(dim=-1)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        experts.to(dtype)
+        experts.zero_grad(set_to_none=True)
+        out = experts(x.cuda().to(dtype), index, weights.cuda().to(dtype))
+        out.float().square().sum().backward()
+        grads = {n: p.grad.float().clone() for n, p in experts.lora.named_parameters()}
+        results[dtype] = (out.float(), grads)
+    (ref, ref_grads), (got, got_grads) = results[torch.float32], results[torch.bfloat16]
+    assert torch.isfinite(got).all()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+    for name, grad in got_grads.items():
+        rel = ((grad - ref_grads[name]).norm() / ref_grads[name].norm()).item()
+        assert rel < 2e-2, (name, rel)
