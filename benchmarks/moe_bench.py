@@ -453,6 +453,17 @@ def main() -> None:
         if variant in EP_SIZES and args.smoke and EP_SIZES[variant] > 2:
             rows.append({"variant": variant, "skipped": "smoke runs ep2 only (2 CPU ranks)"})
             continue
+        shipped = next(
+            (r for r in rows if r["variant"] == "transformers" and "tokens_s" in r), None
+        )
+        loop_default = shipped is not None and shipped.get("experts_implementation") in (
+            None,
+            "eager",
+        )
+        if variant == "transformers_eager_loop" and loop_default:
+            note = "the transformers row already runs the eager loop (its default)"
+            rows.append({"variant": variant, "skipped": note})
+            continue
         result = logs / f"{variant}.json"
         result.unlink(missing_ok=True)
         cmd = _command(variant, args, result, port=29600 + i)
