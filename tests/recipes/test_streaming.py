@@ -122,3 +122,30 @@ def test_streaming_reads_lazily_and_reports_bad_input(tmp_path: Path, tokenizer)
            "data": {"streaming": True, "train": {"path": "d.jsonl"}}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"data.streaming: only the pretrain recipe streams"):
         load_config(raw)
+
+
+def test_streaming_an_hf_dataset_resumes_from_its_state(tmp_path: Path, tokenizer):
+    """`hf:NAME` streams through `datasets` (a local folder here: offline); its state resumes."""
+    pytest.importorskip("datasets")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(
+        "".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(20))
+    )
+    data = DataSection(format="text", streaming=True, packing=True, max_length=16)
+
+    def make() -> StreamingBatches:
+        return StreamingBatches(DataSource(path=f"hf:{folder}"), data, tokenizer, 2,
+                                lambda r: collate(r, 0), rank=1, world_size=2)  # fmt: skip
+
+    ref = make()
+    it = iter(ref)
+    first = [_doc_ids(next(it), tokenizer) for _ in range(2)]
+    assert [d for b in first for d in b][:3] == [1, 3, 5]  # odd records on rank 1 of 2
+    state = ref.state_dict()
+    assert state["hf_state"] is not None
+    expected = [_doc_ids(next(it), tokenizer) for _ in range(4)]  # crosses into epoch 2
+    again = make()
+    again.load_state_dict(state)
+    it2 = iter(again)
+    assert [_doc_ids(next(it2), tokenizer) for _ in range(4)] == expected
