@@ -97,3 +97,24 @@ def test_family_matches_transformers(name: str, tiny_model_dir, tmp_path: Path) 
     assert type(back).__module__.startswith("transformers.")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=0, rtol=0)
+
+
+def test_attention_backend_is_picked_per_model(tiny_model_dir) -> None:
+    from automodel.core.models.common.attention import Attention
+
+    path = tiny_model_dir("mistral")  # sliding window: the block-mask case
+    picked = AutoModelForCausalLM.from_pretrained(path, kernels={"attention": "eager"})
+    default = AutoModelForCausalLM.from_pretrained(path)
+    assert {m.backend for m in picked.modules() if isinstance(m, Attention)} == {"eager"}
+    assert {m.backend for m in default.modules() if isinstance(m, Attention)} == {"auto"}
+    ids, _, _ = _batch()
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            picked(ids[:1], position_ids=pos).logits,
+            default(ids[:1], position_ids=pos).logits,
+            atol=ATOL,
+            rtol=0,
+        )
+    with pytest.raises(ValueError, match="attention"):
+        AutoModelForCausalLM.from_pretrained(path, kernels={"attention": "flexx"})

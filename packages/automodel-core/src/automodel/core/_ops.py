@@ -155,8 +155,12 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Returns causal attention [B, Hq, Sq, D] (bottom-right aligned, HF sliding-window rule)."""
+    """Returns causal attention [B, Hq, Sq, D] (bottom-right aligned, HF sliding-window rule).
+
+    q is ``[B, Hq, Sq, D]``, k and v ``[B, Hkv, Sk, D]`` (any strides).
+    """
     op = _kernel("attention")
     if op is not None:
         return op(
@@ -169,7 +173,7 @@ def attention(
             key_padding_mask=key_padding_mask,
             scale=scale,
             softcap=softcap,
-            backend=_backend("attention"),
+            backend=_backend("attention", backend),
         )
     sq, sk = q.shape[-2], k.shape[-2]
     q_pos = torch.arange(sk - sq, sk, device=q.device)[:, None]

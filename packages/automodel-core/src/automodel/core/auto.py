@@ -9,7 +9,11 @@ patches (``automodel.core.patching``). Extra keyword arguments, all optional:
   reads only its slices of the checkpoint (``automodel.core.sharded_load``).
 - ``device_mesh``: a DeviceMesh to parallelize over (built from ``parallel`` when omitted).
 - ``kernels``: ``"auto"`` (default), ``"none"`` (the stock transformers class, unpatched), or a
-  dict ``{op: backend}`` forwarded to the kernels (e.g. ``{"attention": "flex"}``).
+  dict ``{op: backend}`` forwarded to the kernels. ``{"attention": "sdpa"}`` (or ``"flex"``,
+  ``"flash_attn"``, ``"eager"``) picks the attention backend of this model only, like
+  ``attn_implementation=`` does (e.g. SDPA with a dense mask where FlexAttention cannot compile);
+  the other ops (``rms_norm``, ``apply_rotary``, ``swiglu``, ``geglu``, ``cross_entropy``,
+  ``linear_cross_entropy``) are set process-wide.
 - ``peft``: a LoRA / DoRA config (``automodel.core.LoraConfig``, a dict of its fields, or a peft
   ``LoraConfig``): adapters are added before parallelizing (sharded with their base layers), only
   they train, and they are initialized from a seed drawn from the global RNG (rank 0's when
@@ -33,6 +37,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from automodel.core import _ops
 from automodel.core.adapters import add_adapters, draw_seed, init_adapters, shared_seed
+from automodel.core.models.common.attention import Attention
 from automodel.core.models.registry import optimized_class
 from automodel.core.patching import patch_model
 from automodel.core.saving import install_save_pretrained
@@ -58,6 +63,7 @@ _ATTN_BACKENDS = {
     "flash_attention_3": "flash_attn",
     "flex_attention": "flex",
 }
+_ATTENTION_CHOICES = ("auto", "sdpa", "flex", "flash_attn", "eager")
 
 
 class _AutoModelBase:
@@ -115,6 +121,7 @@ class _AutoModelBase:
             )
             kwargs.update(hub)
         model_cls = cls._select(config, kernels, force_hf)
+        attn = kwargs.pop("attn_implementation", None)
         if parallel is not None or device_mesh is not None:
             from automodel.core.sharded_load import load_parallel
 
@@ -131,13 +138,12 @@ class _AutoModelBase:
             )
             peft = None  # added before parallelizing
         else:
-            attn = kwargs.pop("attn_implementation", None)
             if attn is not None and not _is_ours(model_cls):
                 kwargs["attn_implementation"] = attn
             model = model_cls.from_pretrained(
                 pretrained_model_name_or_path, *model_args, config=config, **kwargs
             )
-            _set_attention(model, attn)
+        _set_attention(model, attn, kernels)
         patched = parallel is not None or device_mesh is not None
         return _finish(model, kernels, peft, seed, fp8, compile, patched=patched)
 
@@ -177,7 +183,7 @@ class _AutoModelBase:
             if attn is not None:
                 kwargs["attn_implementation"] = attn
             model = getattr(transformers, cls._hf_auto).from_config(config, **kwargs)
-        _set_attention(model, attn)
+        _set_attention(model, attn, kernels)
         if parallel is not None or device_mesh is not None:
             from automodel.core.sharded_load import parallelize_model
 
@@ -206,7 +212,13 @@ def _is_ours(model_cls: Any) -> bool:
 
 def _check_kernels(kernels: Any) -> None:
     if isinstance(kernels, dict):
-        _ops.set_backends(kernels)
+        attention = kernels.get("attention", "auto")
+        if attention not in _ATTENTION_CHOICES:
+            raise ValueError(
+                f"kernels={{'attention': {attention!r}}} is not a backend; expected one of "
+                f"{list(_ATTENTION_CHOICES)}"
+            )
+        _ops.set_backends({op: b for op, b in kernels.items() if op != "attention"})
     elif kernels not in ("auto", "none"):
         raise ValueError(
             f"kernels={kernels!r} is not supported; expected 'auto', 'none' or a dict "
@@ -214,16 +226,24 @@ def _check_kernels(kernels: Any) -> None:
         )
 
 
-def _set_attention(model: Any, attn_implementation: str | None) -> None:
-    """Maps transformers' ``attn_implementation`` onto automodel's attention dispatch."""
-    if attn_implementation is None or not _is_ours(type(model)):
+def _set_attention(model: Any, attn_implementation: str | None, kernels: Any) -> None:
+    """Sets the attention backend of automodel's attention layers in ``model`` (this model only).
+
+    ``kernels={"attention": ...}`` wins over transformers' ``attn_implementation`` name.
+    """
+    backend = kernels.get("attention") if isinstance(kernels, dict) else None
+    if backend is None and attn_implementation is not None and _is_ours(type(model)):
+        if attn_implementation not in _ATTN_BACKENDS:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported by automodel's "
+                f"models; expected one of {sorted(_ATTN_BACKENDS)} (or pass force_hf=True)"
+            )
+        backend = _ATTN_BACKENDS[attn_implementation]
+    if backend is None:
         return
-    if attn_implementation not in _ATTN_BACKENDS:
-        raise ValueError(
-            f"attn_implementation={attn_implementation!r} is not supported by automodel's models; "
-            f"expected one of {sorted(_ATTN_BACKENDS)} (or pass force_hf=True)"
-        )
-    _ops.set_backends({"attention": _ATTN_BACKENDS[attn_implementation]})
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
 
 
 def _finish(

@@ -13,7 +13,13 @@ from automodel.core.models.common.spec import DecoderSpec
 
 
 class Attention(nn.Module):
-    """GQA self-attention: projections, optional q/k norm, rope, KV cache, masked attention."""
+    """GQA self-attention: projections, optional q/k norm, rope, KV cache, masked attention.
+
+    ``backend`` names the automodel.kernels attention backend of this layer (``"auto"``: FlexAttention
+    on CUDA when a block mask is needed, SDPA otherwise); ``from_pretrained(kernels={"attention":
+    ...})`` or ``attn_implementation=`` set it on every layer of one model. q/k/v reach the kernels
+    in transformers' ``[batch, heads, seq, head_dim]`` layout (transposed views, not copies).
+    """
 
     def __init__(self, config: Any, spec: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
@@ -24,6 +30,7 @@ class Attention(nn.Module):
         self.window = spec.layer_windows[layer_idx]
         self.scale = spec.attn_scale
         self.softcap = spec.attn_softcap
+        self.backend = "auto"
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=spec.qkv_bias)
@@ -66,5 +73,6 @@ class Attention(nn.Module):
             key_padding_mask=key_padding_mask,
             scale=self.scale,
             softcap=self.softcap,
+            backend=self.backend,
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
