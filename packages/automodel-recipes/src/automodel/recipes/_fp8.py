@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +40,9 @@ def check_fp8(cfg: Fp8Section, device: torch.device) -> None:
         )
 
 
-def apply_fp8(model: Any, cfg: Fp8Section, device: torch.device) -> Any:
+def apply_fp8(
+    model: Any, cfg: Fp8Section, device: torch.device, log: Callable[[str], None] = print
+) -> Any:
     """Returns ``model`` with its large linear layers swapped for FP8 ones when ``fp8.enabled``.
 
     Runs before LoRA and before parallelization (FSDP then shards the FP8 modules like any other).
@@ -50,6 +53,10 @@ def apply_fp8(model: Any, cfg: Fp8Section, device: torch.device) -> Any:
     check_fp8(cfg, device)
     from automodel.kernels import convert_to_float8
 
-    return convert_to_float8(
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    model = convert_to_float8(
         model, filter_fqns=cfg.filter_fqns, min_features=cfg.min_features, recipe=cfg.recipe
     )
+    converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+    log(f"fp8: {converted} of {linears} linear layers use FP8 matmuls ({cfg.recipe} scaling)")
+    return model

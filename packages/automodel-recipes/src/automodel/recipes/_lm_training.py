@@ -84,7 +84,7 @@ def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> P
     )
 
     model = _load_model(cfg.model, device=rt.device).to(rt.device)
-    model = apply_fp8(model, cfg.fp8, rt.device)
+    model = apply_fp8(model, cfg.fp8, rt.device, metrics.print)
     if cfg.peft is not None:
         model = apply_lora(model, cfg.peft, rt.world_size)
     par = parallelize_for_training(model, cfg.parallel, rt)

@@ -32,9 +32,10 @@ def run(cfg: RecipeConfig) -> Path:
     t, b = cfg.training, cfg.benchmark
     rt = setup_runtime(t.device)
     check_fp8(cfg.fp8, rt.device)  # fail in a second, not after loading the model
+    say = print if rt.is_main else (lambda *a, **k: None)
     torch.manual_seed(t.seed)
     model = _load_model(cfg.model, device=rt.device).to(rt.device)
-    model = apply_fp8(model, cfg.fp8, rt.device)
+    model = apply_fp8(model, cfg.fp8, rt.device, say)
     fpt = flops_per_token(model, b.seq_len)  # before sharding: counts full matrices
     par = parallelize_for_training(model, cfg.parallel, rt)
     model, rt = par.model, par.runtime
@@ -45,7 +46,6 @@ def run(cfg: RecipeConfig) -> Path:
     peak = peak_flops(rt.device, b.peak_tflops)
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator(device="cpu").manual_seed(t.seed + rt.rank)
-    say = print if rt.is_main else (lambda *a, **k: None)
     say(f"benchmark {cfg.model.name_or_path}: {describe(model)}, seq {b.seq_len} x micro "
         f"{t.micro_batch_size} x accum {t.grad_accum_steps} x {rt.dp_size} ranks on {rt.device}")  # fmt: skip
     say(f"FLOPs/token = 6 x matmul params + 12 x layers x attn width x seq = {fpt / 1e9:.3f} GFLOP")

@@ -60,7 +60,7 @@ def run(cfg: RecipeConfig) -> Path:
     model = _load_model(cfg.model, "AutoModelForSequenceClassification", device=rt.device).to(
         rt.device
     )
-    model = apply_fp8(model, cfg.fp8, rt.device)
+    model = apply_fp8(model, cfg.fp8, rt.device, metrics.print)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # the head pools the last real token
     par = parallelize_for_training(model, cfg.parallel, rt)

@@ -57,7 +57,7 @@ def run(cfg: RecipeConfig) -> Path:
     examples = build_vlm_examples(cfg.data, cfg.data.train, processor, log=metrics.print)
 
     model = _load_model(cfg.model, "AutoModelForImageTextToText", device=rt.device).to(rt.device)
-    model = apply_fp8(model, cfg.fp8, rt.device)
+    model = apply_fp8(model, cfg.fp8, rt.device, metrics.print)
     par = parallelize_for_training(model, cfg.parallel, rt)
     model, rt = par.model, par.runtime
     metrics.print(
