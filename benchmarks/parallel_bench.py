@@ -287,8 +287,32 @@ def _orchestrate(variants: list[str], nproc: int, smoke: bool, timeout: float) -
             f"{r['wall_s']:.0f} | {r['gpu']} |"
         )
     table = "\n".join(lines)
-    (out / "parallel_bench.md").write_text(table + "\n")
+    (out / "parallel_bench.md").write_text(_document_header(nproc, smoke) + table + "\n")
     print(table)
+
+
+def _document_header(nproc: int, smoke: bool) -> str:
+    """Returns the benchmark document's header: command, commit, library versions, GPUs."""
+    import torch
+    import transformers
+
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    gpus = (
+        ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        if torch.cuda.is_available()
+        else "none"
+    )
+    return (
+        "# automodel-parallel: 8B-shaped Llama on multiple GPUs\n\n"
+        f"- command: `python benchmarks/parallel_bench.py --nproc {nproc}"
+        f"{' --smoke' if smoke else ''}` (PYTHONPATH = packages/*/src + tests)\n"
+        f"- commit: {commit or 'unknown'}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}\n"
+        f"- GPUs: {gpus}\n\n"
+    )
 
 
 def main() -> None:
