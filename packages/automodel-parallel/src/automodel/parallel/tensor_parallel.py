@@ -8,7 +8,9 @@ Sequence parallelism shards the residual stream over the sequence between the co
 matmuls: norms run on ``seq / tp`` tokens, the all-reduce after o/down becomes a reduce-scatter and
 the inputs of attention/MLP are all-gathered. The sequence is sharded at the input of the first
 block, not at the embedding: Hugging Face models build the causal mask, position ids and rotary
-tables from the embedding output's length, so they must see the global sequence.
+tables from the embedding output's length, so they must see the global sequence. Symmetrically, a
+module with no LM head after its blocks (a pipeline stage before the last) gathers the sequence back
+at its last block, so what crosses a pipeline stage boundary is always the full sequence.
 
 q/k norms (Qwen3, Gemma 3) act on ``head_dim`` of the local heads: their weights stay replicated
 and their gradients are summed over tp (they are declared sharded on the heads dim). Norms return
