@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(RUN_ORDER), help="comma-separated subset")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per variant")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all variants")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds for all variants")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)

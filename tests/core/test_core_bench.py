@@ -34,7 +34,7 @@ def test_smoke_table_with_a_measured_variant_a_skipped_peer_and_a_timeout(
     bench = _load_bench()
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.delenv("NEMO_SITE", raising=False)
-    _main(bench, monkeypatch, "--variants", "nemo,automodel")
+    _main(bench, monkeypatch, "--variants", "nemo,automodel", "--timeout", "400")
     printed = capsys.readouterr().out.strip().splitlines()
     table = printed[
         printed.index(

@@ -79,6 +79,9 @@ def test_family_matches_transformers(name: str, tiny_model_dir, tmp_path: Path) 
     alone = ours(packed[:, 16:], use_cache=False).logits
     torch.testing.assert_close(out.logits[:, 16:], alone, atol=ATOL, rtol=0)
 
+    if name == "mistral":  # sliding window: the block-mask case
+        _check_attention_backend_is_per_model(tiny_model_dir(name), ours, packed, pos)
+
     # greedy generation with left padding and a KV cache gives identical tokens
     prompts = torch.randint(5, 384, (2, 12), generator=torch.Generator().manual_seed(1))
     pmask = torch.ones_like(prompts)
@@ -99,20 +102,18 @@ def test_family_matches_transformers(name: str, tiny_model_dir, tmp_path: Path) 
         torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=0, rtol=0)
 
 
-def test_attention_backend_is_picked_per_model(tiny_model_dir) -> None:
+def _check_attention_backend_is_per_model(
+    path: Path, default: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor
+) -> None:
     from automodel.core.models.common.attention import Attention
 
-    path = tiny_model_dir("mistral")  # sliding window: the block-mask case
     picked = AutoModelForCausalLM.from_pretrained(path, kernels={"attention": "eager"})
-    default = AutoModelForCausalLM.from_pretrained(path)
     assert {m.backend for m in picked.modules() if isinstance(m, Attention)} == {"eager"}
     assert {m.backend for m in default.modules() if isinstance(m, Attention)} == {"auto"}
-    ids, _, _ = _batch()
-    pos = torch.cat([torch.arange(10), torch.arange(14)]).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(
-            picked(ids[:1], position_ids=pos).logits,
-            default(ids[:1], position_ids=pos).logits,
+            picked(ids, position_ids=pos).logits,
+            default(ids, position_ids=pos).logits,
             atol=ATOL,
             rtol=0,
         )
