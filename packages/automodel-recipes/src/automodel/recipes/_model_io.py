@@ -82,10 +82,13 @@ def _load_model(
 
 def load_tokenizer(model: ModelSection, cfg: TokenizerSection, processor: bool = False) -> Any:
     """Returns the tokenizer (or processor) with the configured chat template and a pad token."""
-    from transformers import AutoProcessor, AutoTokenizer
-
     path = cfg.name_or_path or model.name_or_path
-    loader = AutoProcessor if processor else AutoTokenizer
+    # Import only the loader in use: transformers' processing modules alone cost seconds of start-up.
+    loader: Any
+    if processor:
+        from transformers import AutoProcessor as loader
+    else:
+        from transformers import AutoTokenizer as loader
     try:
         tok = loader.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
