@@ -38,7 +38,15 @@ def _ep_matches_single_process(
     worst: dict[str, float] = {}
     for name in names:
         reference = build_tiny_model(name, seed=0).to(device).train()
+        if name == "qwen3_moe":  # EP must run core's grouped GEMMs through `grouped_expert_mlp`
+            from automodel.core.moe import patch_moe_experts
+
+            assert patch_moe_experts(reference)
         model = apply_expert_parallel(copy.deepcopy(reference), mesh)
+        experts_module = model.get_submodule(find_expert_modules(model)[0][0])
+        assert callable(getattr(experts_module, "grouped_expert_mlp", None)) == (
+            name == "qwen3_moe"
+        )
         local_experts = model.get_submodule(find_expert_modules(model)[0][0]).gate_up_proj
         assert isinstance(local_experts, DTensor)
         assert local_experts.to_local().shape[0] == local_experts.shape[0] // world_size
@@ -98,8 +106,9 @@ def test_expert_parallel_and_ep_inside_fsdp_equal_single_process() -> None:
     for r in results:
         assert set(r["worst"]) == {"mixtral", "qwen3_moe"}
         assert all(diff <= 1e-5 for diff in r["worst"].values()), r["worst"]
-        # bad configs: 4 ranks cannot split 3 experts; a dense model has no experts
-        assert len(r["messages"]) == 2
+        # bad configs: 4 ranks cannot split 3 experts; a dense model has no experts; expert LoRA
+        assert len(r["messages"]) == 3
+        assert "carries a LoRA adapter on its experts" in r["messages"][2]
         assert "ep=4 does not divide the 3 experts" in r["messages"][0]
         assert "Fix: choose ep among the divisors of 3" in r["messages"][0]
         assert "found no MoE experts module" in r["messages"][1]
@@ -114,10 +123,14 @@ def _bad_configs(mesh: Any) -> list[str]:
 
     three_experts = tiny_config("mixtral")
     three_experts.num_local_experts = 3
+    from automodel.core.peft import LoraConfig, apply_peft
+
+    adapted = apply_peft(build_tiny_model("mixtral"), LoraConfig(rank=2, target_modules=["w1"]))
     messages = []
     for model in (
         transformers.AutoModelForCausalLM.from_config(three_experts),
         build_tiny_model("llama"),
+        adapted,  # LoRA on the experts: the all-to-all forward would ignore it
     ):
         try:
             apply_expert_parallel(model, mesh)
@@ -206,6 +219,7 @@ def test_expert_parallel_and_ep_inside_fsdp_equal_single_gpu_nccl() -> None:
     for r in results:
         assert set(r["worst"]) == {"mixtral", "qwen3_moe"}
         assert all(diff <= LOSS_ATOL for diff in r["worst"].values()), r["worst"]
-        assert len(r["messages"]) == 2
+        assert len(r["messages"]) == 3
+        assert "carries a LoRA adapter on its experts" in r["messages"][2]
         if world == 4:
             assert len(r["ep_fsdp"]) == _STEPS

@@ -78,8 +78,8 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
     Raises:
         ValueError: no experts module is found, the expert weights use a layout other than
-            concatenated ``[gate; up]`` without bias, or ``ep`` does not divide the number of
-            experts.
+            concatenated ``[gate; up]`` without bias, an experts module carries an unmerged LoRA
+            adapter (``module.lora``), or ``ep`` does not divide the number of experts.
 
     Example:
         >>> mesh = init_device_mesh("cuda", (2,), mesh_dim_names=("ep",))  # doctest: +SKIP
@@ -96,6 +96,13 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         )
     for fqn, module in experts:
         _check_layout(fqn, module)
+        adapter = getattr(module, "lora", None)
+        if isinstance(adapter, nn.Module) and not getattr(adapter, "merged", False):
+            raise ValueError(
+                f"{fqn!r} carries a LoRA adapter on its experts, which expert parallelism does "
+                "not shard (the all-to-all forward would ignore it). Fix: set ep=1 for LoRA on "
+                "experts, or leave the experts out of the LoRA targets."
+            )
         num_experts = _num_experts(module)
         if num_experts % ep != 0:
             raise ValueError(
@@ -208,9 +215,18 @@ class _ExpertParallelForward:
         return out.index_add(0, token_of_slot, weighted.to(hidden_states.dtype))
 
     def _run_local_experts(self, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Returns ``down(act(gate) * up)`` of each local expert on its consecutive block of rows."""
+        """Returns ``down(act(gate) * up)`` of each local expert on its consecutive block of rows.
+
+        Uses the experts' ``grouped_expert_mlp(rows, tokens_per_expert, gate_up, down)`` when the
+        module has one (automodel.core installs grouped GEMMs that way), else a loop over experts.
+        """
         gate_up = _local(self.module._parameters["gate_up_proj"])
         down = _local(self.module._parameters["down_proj"])
+        grouped = getattr(self.module, "grouped_expert_mlp", None)
+        if callable(grouped):  # a grouped-GEMM implementation installed on the experts (core)
+            counts = torch.tensor(sizes, device=rows.device, dtype=torch.int64)
+            out: torch.Tensor = grouped(rows, counts, gate_up, down)
+            return out
         act: Callable[[torch.Tensor], torch.Tensor] = self.module.act_fn  # type: ignore[assignment]
         outs = []
         for expert, chunk in enumerate(rows.split(sizes)):
