@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +27,6 @@ QUICK = [
 def cli_env(**extra: str) -> dict[str, str]:
     """Returns the environment for a CLI subprocess: CPU only, one thread per process."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
-
-
-def automodel(*args: str, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    """Runs ``automodel ARGS`` to completion; returns the finished process (stdout/stderr text)."""
-    return subprocess.run(
-        [sys.executable, "-m", "automodel.recipes.cli", *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def split_runs(stdout: str) -> list[tuple[int, str]]:

@@ -32,7 +32,8 @@ def torchrun_args(
     """Returns torchrun's launcher arguments (without the program) for a local or multi-node run.
 
     One node uses ``--standalone`` (a private rendezvous on a free port); several nodes meet at
-    ``rdzv_endpoint`` (host:port of the first node) through the c10d rendezvous.
+    ``rdzv_endpoint`` (host:port of the first node) through the c10d rendezvous, under the id
+    ``rdzv_id`` (default: $AUTOMODEL_RUN_ID, which the SLURM script sets to the job id).
 
     Raises:
         ValueError: several nodes but no rendezvous endpoint.
@@ -50,7 +51,7 @@ def torchrun_args(
         f"--node-rank={node_rank}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={rdzv_endpoint}",
-        f"--rdzv-id={rdzv_id or 'automodel'}",
+        f"--rdzv-id={rdzv_id or os.environ.get('AUTOMODEL_RUN_ID') or 'automodel'}",
     ]
 
 

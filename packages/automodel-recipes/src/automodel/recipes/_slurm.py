@@ -1,4 +1,4 @@
-"""SLURM: an sbatch script running one torchrun per node with a rendezvous on the first node."""
+"""SLURM: an sbatch script running one torchrun per node (through `automodel run`), rendezvous on node 0."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def sbatch_script(
 ) -> str:
     """Returns an sbatch script for ``automodel run CONFIG`` on ``nodes`` x ``gpus_per_node``.
 
-    ``srun`` starts one torchrun per node; they meet at a c10d rendezvous on the first node of
-    the allocation. SLURM sends SIGUSR1 two minutes before the time limit (``--signal``); the
+    ``srun`` starts one ``automodel run --nnodes N --node-rank R --rdzv-endpoint HEAD:PORT`` per
+    node, which becomes torchrun (exec); they meet at a c10d rendezvous on the first node of the
+    allocation, with the job id as rendezvous id. SLURM sends SIGUSR1 two minutes before the time limit (``--signal``); the
     script forwards it (and SIGTERM) to srun, which delivers it to every task, and torchrun
     passes it to the training processes, which checkpoint and exit cleanly.
 
@@ -41,14 +42,14 @@ def sbatch_script(
         directives.append(f"#SBATCH --partition={partition}")
     if time:
         directives.append(f"#SBATCH --time={time}")
+    # Each node runs `automodel run` with the multi-node launch options; the CLI validates the
+    # config and replaces itself (exec) with torchrun, the same launcher as on a workstation.
     program = " ".join(
-        shlex.quote(a) for a in ["-m", "automodel.recipes.cli", "run", config, *overrides]
-    )
-    torchrun = (
-        f"{python} -m torch.distributed.run --nnodes={nodes} --nproc-per-node={gpus_per_node} "
-        f'--node-rank="$SLURM_NODEID" --rdzv-backend=c10d '
-        f'--rdzv-endpoint="$HEAD_NODE:{port}" --rdzv-id="$SLURM_JOB_ID" {program}'
-    )
+        shlex.quote(a)
+        for a in ["-m", "automodel.recipes.cli", "run", config, *overrides,
+                  f"--nnodes={nodes}", f"--nproc-per-node={gpus_per_node}"]
+    )  # fmt: skip
+    torchrun = f'{python} {program} --node-rank="$SLURM_NODEID" --rdzv-endpoint="$HEAD_NODE:{port}"'
     container_args = f"--container-image={shlex.quote(container)} " if container else ""
     lines = [
         "#!/bin/bash",
@@ -59,7 +60,7 @@ def sbatch_script(
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         'export AUTOMODEL_RUN_ID="${AUTOMODEL_RUN_ID:-$SLURM_JOB_ID}"',
         "",
-        "# One torchrun per node; --kill-on-bad-exit stops every node if one fails.",
+        "# One launcher (automodel -> torchrun) per node; --kill-on-bad-exit stops all if one fails.",
         f"srun --kill-on-bad-exit=1 {container_args}bash -c {shlex.quote(torchrun)} &",
         "SRUN_PID=$!",
         "",
