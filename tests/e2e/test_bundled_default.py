@@ -31,21 +31,21 @@ def test_finetune_bundled_default_end_to_end(tmp_path: Path) -> None:
     # The bundled default, shortened: fewer steps and chats, same model, data and code path.
     args = [
         "finetune",
-        "training.max_steps=40",
+        "training.max_steps=60",
         "training.log_every=10",
-        "training.val_every=20",
+        "training.val_every=30",
         "training.micro_batch_size=8",
         "lr_scheduler.warmup_steps=5",
-        "data.train.limit=320",
-        "checkpoint.every_steps=20",
+        "data.train.limit=480",
+        "checkpoint.every_steps=30",
     ]
     proc = _automodel(*args, cwd=tmp_path, env={"AUTOMODEL_OUTPUT_DIR": str(out_dir)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert any(line.endswith("float32 on cpu x1") for line in lines if line.startswith("model "))
 
-    losses = [float(m) for m in re.findall(r"step \d+/40 loss=([0-9.]+)", proc.stdout)]
-    assert len(losses) == 4, proc.stdout
+    losses = [float(m) for m in re.findall(r"step \d+/60 loss=([0-9.]+)", proc.stdout)]
+    assert len(losses) == 6, proc.stdout
     assert losses[-1] < 0.7 * losses[0], f"loss did not fall visibly: {losses}"
     assert "val_loss=" in proc.stdout
 
@@ -70,7 +70,7 @@ def test_finetune_bundled_default_end_to_end(tmp_path: Path) -> None:
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
     assert (out_dir / "metrics.jsonl").is_file() and (out_dir / "FINISHED").is_file()
-    assert (out_dir / "checkpoints" / "step_40" / "model.safetensors").is_file()
+    assert (out_dir / "checkpoints" / "step_60" / "model.safetensors").is_file()
 
     # Running again into the finished run refuses in one line and leaves everything in place
     # (the same CLI, in this process: no second interpreter and torch import needed for it).
