@@ -64,6 +64,6 @@ def _with_one_key_per_row(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     such a row this way; the caller zeroes those rows' output, which also zeroes their gradients.
     """
     sees_a_key = mask.any(dim=-1, keepdim=True)
-    first_key = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
-    first_key[0] = True
+    # built by a kernel: an indexed write of a Python scalar would copy host -> device (a sync)
+    first_key = torch.arange(mask.shape[-1], device=mask.device) == 0
     return mask | (first_key & ~sees_a_key), sees_a_key
