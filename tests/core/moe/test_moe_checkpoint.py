@@ -54,6 +54,18 @@ def _ep_save_worker(rank: int, world_size: int, names: list[str], out: str) -> N
         apply_expert_parallel(model, mesh)
         save(model, f"{out}/{name}", key_map=moe_key_map(model.config))
         dist.barrier()
+    # the public API: from_config(parallel=ep) groups the experts before sharding them, so the
+    # all-to-all forward runs core's grouped GEMMs through `grouped_expert_mlp`
+    from automodel.core import AutoModelForCausalLM
+    from automodel.parallel.expert import find_expert_modules
+
+    model = AutoModelForCausalLM.from_config(
+        build_tiny_model(names[0]).config, parallel={"dp_shard": world_size, "ep": world_size}
+    )
+    experts = [m for _, m in find_expert_modules(model)]
+    assert experts and all(callable(getattr(m, "grouped_expert_mlp", None)) for m in experts)
+    ids = torch.randint(6, 384, (2, 16), generator=torch.Generator().manual_seed(rank))
+    assert torch.isfinite(model(ids, labels=ids).loss)
 
 
 @pytest.mark.slow

@@ -184,7 +184,10 @@ class _AutoModelBase:
                 kwargs["attn_implementation"] = attn
             model = getattr(transformers, cls._hf_auto).from_config(config, **kwargs)
         _set_attention(model, attn, kernels)
-        if parallel is not None or device_mesh is not None:
+        parallel_build = parallel is not None or device_mesh is not None
+        if parallel_build and kernels != "none" and not _is_ours(type(model)):
+            patch_model(model)  # before parallelize: expert parallelism keeps the grouped experts
+        if parallel_build:
             from automodel.core.sharded_load import parallelize_model
 
             if peft is not None:  # before parallelize, so adapters are sharded with their layers
@@ -193,7 +196,7 @@ class _AutoModelBase:
             if peft is not None:
                 init_adapters(model, shared_seed(seed))
                 peft = None
-        return _finish(model, kernels, peft, seed, fp8, compile, patched=False)
+        return _finish(model, kernels, peft, seed, fp8, compile, patched=parallel_build)
 
     @classmethod
     def _select(cls, config: PretrainedConfig, kernels: Any, force_hf: bool) -> Any:
