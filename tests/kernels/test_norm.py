@@ -111,3 +111,14 @@ def test_gpu_triton_norms_bf16(assert_rel_close, offset: float) -> None:
     # fp32 through the Triton kernel: far under 1e-3.
     out32 = rms_norm(x, weight, offset=offset, backend="triton")
     assert_rel_close(out32, rms_norm(x, weight, offset=offset, backend="torch"), 1e-5, "fp32")
+
+
+def test_ops_trace_without_graph_breaks_under_torch_compile() -> None:
+    # backend resolution (and its once-per-op log) must not break a compiled model's graph
+    def block(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        normed, residual = add_rms_norm(x, x, w)
+        return rms_norm(normed + residual, w, offset=1.0)
+
+    x, w = torch.randn(2, 5, 16), torch.randn(16)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, w), block(x, w), rtol=0, atol=0)

@@ -71,7 +71,8 @@ def resolve_backend(
             f"{op}: backend='triton' needs CUDA tensors (got {device.type}); use backend='torch' or "
             "'auto', or set TRITON_INTERPRET=1 to run Triton kernels on the CPU for testing"
         )
-    _log_choice(op, device.type, choice)
+    if not torch.compiler.is_compiling():  # a functools.cache call would break the graph
+        _log_choice(op, device.type, choice)
     return choice
 
 
