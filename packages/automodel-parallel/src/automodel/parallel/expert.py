@@ -189,9 +189,10 @@ class _ExpertParallelForward:
         counts = torch.bincount(flat_experts, minlength=num_experts + 1)[:num_experts]
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
-        send_splits = counts.view(ep, num_local).sum(1).tolist()
         recv_per_source = recv_counts.view(ep, num_local)
-        recv_splits = recv_per_source.sum(1).tolist()
+        # all-to-all needs its split sizes on the host: one device -> host copy for both
+        splits = torch.stack([counts.view(ep, num_local).sum(1), recv_per_source.sum(1)]).tolist()
+        send_splits, recv_splits = splits[0], splits[1]
         num_sent = sum(send_splits)
 
         order = order[:num_sent]
@@ -205,7 +206,7 @@ class _ExpertParallelForward:
             torch.arange(num_local, device=counts.device).repeat(ep), recv_per_source.reshape(-1)
         )
         by_expert = torch.argsort(local_ids, stable=True)
-        expert_out = self._run_local_experts(received[by_expert], recv_per_source.sum(0).tolist())
+        expert_out = self._run_local_experts(received[by_expert], recv_per_source.sum(0))
         expert_out = expert_out[torch.argsort(by_expert)]
 
         returned = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
@@ -214,7 +215,9 @@ class _ExpertParallelForward:
         out = torch.zeros_like(hidden_states)
         return out.index_add(0, token_of_slot, weighted.to(hidden_states.dtype))
 
-    def _run_local_experts(self, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def _run_local_experts(
+        self, rows: torch.Tensor, tokens_per_expert: torch.Tensor
+    ) -> torch.Tensor:
         """Returns ``down(act(gate) * up)`` of each local expert on its consecutive block of rows.
 
         Uses the experts' ``grouped_expert_mlp(rows, tokens_per_expert, gate_up, down)`` when the
@@ -224,12 +227,11 @@ class _ExpertParallelForward:
         down = _local(self.module._parameters["down_proj"])
         grouped = getattr(self.module, "grouped_expert_mlp", None)
         if callable(grouped):  # a grouped-GEMM implementation installed on the experts (core)
-            counts = torch.tensor(sizes, device=rows.device, dtype=torch.int64)
-            out: torch.Tensor = grouped(rows, counts, gate_up, down)
+            out: torch.Tensor = grouped(rows, tokens_per_expert, gate_up, down)
             return out
         act: Callable[[torch.Tensor], torch.Tensor] = self.module.act_fn  # type: ignore[assignment]
         outs = []
-        for expert, chunk in enumerate(rows.split(sizes)):
+        for expert, chunk in enumerate(rows.split(tokens_per_expert.tolist())):
             gate, up = F.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
             outs.append(F.linear(act(gate) * up, down[expert]))
         return torch.cat(outs)
