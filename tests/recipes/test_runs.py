@@ -70,22 +70,31 @@ def test_global_token_loss_is_the_same_for_accumulation_dp_and_two_slurm_nodes(t
     for arg in ("--nnodes=2", "--nproc-per-node=1", '--node-rank="$SLURM_NODEID"',
                 f'--rdzv-endpoint="$HEAD_NODE:{port}"'):  # fmt: skip
         assert arg in launch
-    nodes = [
-        subprocess.Popen(
-            ["bash", "-c", launch.replace("python -m", f"{sys.executable} -m", 1)],
-            cwd=tmp_path,
-            env=cli_env(HEAD_NODE="127.0.0.1", SLURM_NODEID=str(i), SLURM_JOB_ID="42"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=400)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], "\n".join(outs)
-    # Rank 0 (node 0) reports 2 processes and prints the final folder last.
-    assert "on cpu x2" in outs[0], outs[0]
-    assert outs[0].strip().splitlines()[-1] == str((tmp_path / "slurm" / "model").resolve())
+    # The whole script runs, with stand-ins for SLURM's tools: `scontrol` names this host as the
+    # allocation's first node, `srun` starts its command once per "node" with SLURM_NODEID set.
+    fake_bin = tmp_path / "fake_slurm_bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (fake_bin / "srun").write_text(
+        "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\npids=()\n"
+        'for i in 0 1; do SLURM_NODEID=$i "$@" & pids+=($!); done\n'
+        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n'
+    )
+    (fake_bin / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    for tool in ("scontrol", "srun", "python"):
+        (fake_bin / tool).chmod(0o755)
+    path = f"{fake_bin}{os.pathsep}{os.environ['PATH']}"
+    env = cli_env(PATH=path, SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="42")
+    env.pop("HEAD_NODE", None)
+    proc = subprocess.run(
+        ["bash", "-s"], input=script, cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    # Rank 0 reports 2 processes (one per node) and prints the final folder last.
+    assert "on cpu x2" in out, out
+    assert str((tmp_path / "slurm" / "model").resolve()) in out.splitlines(), out
 
     ref = losses(tmp_path / "single")
     assert sorted(ref) == [1, 2, 3]

@@ -57,7 +57,7 @@ def sbatch_script(
         "set -euo pipefail",
         "",
         "# The rendezvous host: the first node of the allocation.",
-        'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'export HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         'export AUTOMODEL_RUN_ID="${AUTOMODEL_RUN_ID:-$SLURM_JOB_ID}"',
         "",
         "# One launcher (automodel -> torchrun) per node; --kill-on-bad-exit stops all if one fails.",
