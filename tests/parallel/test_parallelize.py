@@ -163,6 +163,15 @@ def _architectures_worker(rank: int, world_size: int, names: list[str]) -> dict[
         out[f"{name} tp"] = compare(name, {"tp": 2}, reference)
     phi3 = reference_run("phi3")
     out["phi3 fsdp"] = compare("phi3", {"dp_shard": 2}, phi3)
+    # fused qkv_proj / gate_up_proj: sharded weights, gathered outputs (transformers' own plan)
+    out["phi3 tp"] = compare("phi3", {"tp": 2}, phi3)
+    out["phi3 tp sp"] = compare("phi3", {"tp": 2, "sequence_parallel": True}, phi3)
+    config = ParallelConfig(tp=2)
+    layer = parallelize(build_tiny_model("phi3"), config, build_mesh(config)).model.layers[0]
+    out["phi3 placements"] = {
+        name: str(layer.get_submodule(name).weight.placements)
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    }
     # EP inside FSDP is checked on 4 ranks (ep=2 x fsdp=2) in test_expert.py.
     out["loss_parallel"] = _loss_parallel_check()
     dist.barrier()
@@ -193,6 +202,11 @@ def test_automatic_plan_every_decoder_architecture() -> None:
         _architectures_worker, world_size=2, timeout=900, names=DECODER_MODELS
     )
     assert results[0]["loss_parallel"]["sharded"] == "DTensor"
+    placements = results[0].pop("phi3 placements")
+    assert placements == {
+        "self_attn.qkv_proj": "(Shard(dim=0),)", "self_attn.o_proj": "(Shard(dim=1),)",
+        "mlp.gate_up_proj": "(Shard(dim=0),)", "mlp.down_proj": "(Shard(dim=1),)",
+    }  # fmt: skip
     for name, r in results[0].items():
         assert r["missing"] == [], name
         assert r["loss_diff"] < 1e-5, (name, r)
@@ -212,7 +226,7 @@ def test_automatic_plan_every_decoder_architecture() -> None:
         ("mixtral", {"ep": 3}, r"ep=3 does not divide the 4 experts of model.layers.0.mlp.experts"),
         ("llama", {"ep": 2}, r"ep=2 but LlamaForCausalLM has no MoE experts"),
         ("mixtral", {"ep": 2, "tp": 2}, r"ep=2 together with tp=2 is not supported"),
-        ("phi3", {"tp": 2}, r"fused projection .*qkv_proj"),
+        ("phi3", {"tp": 3}, r"tp=3 does not divide the \d+ "),
     ],
 )
 def test_model_does_not_fit(name: str, config: dict[str, Any], match: str) -> None:

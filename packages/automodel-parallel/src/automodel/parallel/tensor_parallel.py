@@ -17,6 +17,13 @@ and their gradients are summed over tp (they are declared sharded on the heads d
 plain tensors, so residual adds next to them (Gemma's post-norms) never mix Tensor and DTensor.
 MoE blocks
 (router and fused 3D experts) stay replicated under tp; shard experts with ``ep`` instead.
+
+Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) cannot give each rank its own heads
+by a column shard (q, k and v have different sizes under GQA, and the model slices the fused output
+with global sizes), so they follow transformers' own plan for them: the fused weight is column-
+sharded and its output gathered, the attention (or activation) runs on the full width on every
+rank, and ``o_proj``/``down_proj`` are row-parallel on their replicated input (each rank takes its
+slice locally). Weights and optimizer state are sharded; that attention/MLP compute is not.
 """
 
 from __future__ import annotations
@@ -60,6 +67,14 @@ def _is_attention(module: nn.Module) -> bool:
 
 def _is_fused_attention(module: nn.Module) -> bool:
     return _linear(module, "qkv_proj") is not None or _linear(module, "Wqkv") is not None
+
+
+def _fused_pair(module: nn.Module) -> tuple[str, str] | None:
+    """Returns (fused input projection, output projection) names of a Phi-3-style block, else None."""
+    for fused, out in (("qkv_proj", "o_proj"), ("Wqkv", "out_proj"), ("gate_up_proj", "down_proj")):
+        if _linear(module, fused) is not None and _linear(module, out) is not None:
+            return fused, out
+    return None
 
 
 def _is_mlp(module: nn.Module) -> bool:
@@ -166,8 +181,8 @@ def tensor_parallel_plan(
         FQN -> style, ready for ``torch.distributed.tensor.parallel.parallelize_module``.
 
     Raises:
-        ValueError: when tp does not divide the (kv) heads, or for fused q/k/v or gate/up
-            projections (Phi-3), which this plan cannot split.
+        ValueError: when tp does not divide the (kv) heads, or the width of a fused q/k/v or
+            gate/up projection (Phi-3).
 
     Example:
         >>> plan = tensor_parallel_plan(hf_llama, tp=2)
@@ -198,15 +213,16 @@ def tensor_parallel_plan(
             )
         for name, module in block.named_modules():
             fqn = f"{block_fqn}.{name}" if name else block_fqn
-            if _is_fused_attention(module) or _linear(module, "gate_up_proj") is not None:
-                raise ValueError(
-                    f"{fqn} has a fused projection (qkv_proj / gate_up_proj, as in Phi-3): a "
-                    "column shard of it would give each tp rank a slice of q|k|v instead of its "
-                    "own heads of each, so tensor parallelism does not support it. Fix: use tp=1 "
-                    "and shard the model with FSDP (dp_shard), or convert the checkpoint to "
-                    "separate q_proj/k_proj/v_proj and gate_proj/up_proj weights (the Llama "
-                    "layout: split the fused rows in order q, k, v and gate, up) for tp > 1"
+            fused = _fused_pair(module)
+            if fused is not None:
+                _check_fused(fqn, module, fused, tp)
+                if sequence_parallel:
+                    plan[fqn] = _PrepareHidden(input_from=Shard(1), input_to=Replicate())
+                plan[f"{fqn}.{fused[0]}"] = ColwiseParallel(output_layouts=Replicate())
+                plan[f"{fqn}.{fused[1]}"] = RowwiseParallel(
+                    input_layouts=Replicate(), output_layouts=seq
                 )
+                continue
             if _is_attention(module):
                 _check_heads(fqn, module, tp)
                 if sequence_parallel:
@@ -257,6 +273,21 @@ def _block_has_attention(block: nn.Module) -> bool:
 def _inside_attention(block: nn.Module, name: str) -> bool:
     parent = name.rpartition(".")[0]
     return bool(parent) and _is_attention(block.get_submodule(parent))
+
+
+def _check_fused(fqn: str, module: nn.Module, names: tuple[str, str], tp: int) -> None:
+    """Raises ValueError when tp does not divide the widths a fused block is sharded on."""
+    fused, out = _linear(module, names[0]), _linear(module, names[1])
+    assert fused is not None and out is not None  # _fused_pair(module) holds
+    for what, n in (
+        (f"{names[0]} outputs", fused.out_features),
+        (f"{names[1]} inputs", out.in_features),
+    ):
+        if n % tp != 0:
+            raise ValueError(
+                f"tp={tp} does not divide the {n} {what} of {fqn}; choose tp among "
+                f"{[d for d in _divisors(n) if out.in_features % d == 0 and fused.out_features % d == 0]}"
+            )
 
 
 def _check_heads(fqn: str, attn: nn.Module, tp: int) -> None:
