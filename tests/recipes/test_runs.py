@@ -30,7 +30,7 @@ CONFIG = str(default_config("finetune"))
 
 @pytest.mark.slow
 def test_global_token_loss_is_the_same_for_accumulation_dp_and_two_slurm_nodes(tmp_path: Path):
-    """micro 4 x 1 == micro 2 x accum 2 == 2 SLURM "nodes" (2 ranks) x micro 2."""
+    """micro 4 x 1 == micro 2 x accum 2 == 2 ranks x micro 2, on one node and on 2 SLURM "nodes"."""
     steps = ["training.max_steps=3"]
     runs = {
         "single": [*QUICK, *steps],
@@ -43,6 +43,14 @@ def test_global_token_loss_is_the_same_for_accumulation_dp_and_two_slurm_nodes(t
             "run", CONFIG, *runs[name], f"training.output_dir={tmp_path / name}"
         )
         assert res.exit_code == 0, res.stdout + res.stderr
+
+    # Two processes on one node (`--nproc-per-node 2`, torchrun's standalone rendezvous), side by
+    # side with the 2-"node" SLURM run below.
+    standalone = subprocess.Popen(
+        [sys.executable, "-m", "automodel.recipes.cli", "run", CONFIG, *runs["dp2"],
+         f"training.output_dir={tmp_path / 'dp2'}", "--nproc-per-node", "2"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
 
     # SLURM: the dry-run script is valid bash; its per-node line (`automodel run` with the
     # multi-node options, which execs torchrun) runs 2 nodes on localhost.
@@ -96,9 +104,13 @@ def test_global_token_loss_is_the_same_for_accumulation_dp_and_two_slurm_nodes(t
     assert "on cpu x2" in out, out
     assert str((tmp_path / "slurm" / "model").resolve()) in out.splitlines(), out
 
+    standalone_out = standalone.communicate(timeout=400)[0]
+    assert standalone.returncode == 0, standalone_out
+    assert "on cpu x2" in standalone_out, standalone_out
+
     ref = losses(tmp_path / "single")
     assert sorted(ref) == [1, 2, 3]
-    for name in ("accum", "slurm"):
+    for name in ("accum", "dp2", "slurm"):
         got = losses(tmp_path / name)
         assert got.keys() == ref.keys()
         for step in ref:
