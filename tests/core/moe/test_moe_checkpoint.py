@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ def test_save_writes_transformers_per_expert_layout_and_loads_back(name, tmp_pat
 
 
 def _ep_save_worker(rank: int, world_size: int, names: list[str], out: str) -> None:
+    out_dir = out
     from torch.distributed.device_mesh import init_device_mesh
 
     from automodel.parallel.expert import apply_expert_parallel
@@ -64,8 +66,19 @@ def _ep_save_worker(rank: int, world_size: int, names: list[str], out: str) -> N
     )
     experts = [m for _, m in find_expert_modules(model)]
     assert experts and all(callable(getattr(m, "grouped_expert_mlp", None)) for m in experts)
-    ids = torch.randint(6, 384, (2, 16), generator=torch.Generator().manual_seed(rank))
-    assert torch.isfinite(model(ids, labels=ids).loss)
+    ids = torch.randint(6, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    # save_pretrained of the EP model writes the Hub's per-expert layout, which transformers loads
+    model.save_pretrained(f"{out_dir}/public")
+    if rank == 0:
+        saved = _keys(Path(out_dir) / "public")
+        assert any(".experts.0." in k for k in saved), sorted(saved)
+        assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in saved)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(f"{out_dir}/public").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, out.logits, atol=1e-5, rtol=1e-5)
+    dist.barrier()
 
 
 @pytest.mark.slow

@@ -89,19 +89,23 @@ def _adapters_merged(model: nn.Module) -> Iterator[None]:
 
 
 def _save_sharded(model: nn.Module, save_directory: Any, kwargs: dict[str, Any]) -> None:
-    """Writes a consolidated HF folder (weights without adapter tensors, config) from every rank."""
+    """Writes a consolidated HF folder (weights without adapter tensors, config) from every rank.
+
+    MoE experts, fused ``[E, ...]`` in memory (and sharded over ``ep``), are written in the Hub's
+    per-expert layout, as transformers' own ``save_pretrained`` does.
+    """
     from automodel.ckpt import save
+    from automodel.ckpt.saving import save_configs
+    from automodel.core.moe import moe_key_map
 
     options = {k: kwargs[k] for k in ("max_shard_size",) if k in kwargs}
     ignored = sorted(set(kwargs) - {"max_shard_size"} - _SHARDED_NOOP_KWARGS)
     if ignored:
         logger.warning("save_pretrained of a parallel model ignores %s", ignored)
-    path = save(checkpoint_tensors(model), save_directory, **options)
+    key_map = moe_key_map(getattr(model, "config", None))
+    path = save(checkpoint_tensors(model), save_directory, key_map=key_map, **options)
     if _is_rank_zero():
-        for attr in ("config", "generation_config"):
-            obj = getattr(model, attr, None)
-            if obj is not None and callable(getattr(obj, "save_pretrained", None)):
-                obj.save_pretrained(str(path))
+        save_configs(model, path)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
