@@ -287,6 +287,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     sync()
     elapsed = time.perf_counter() - start
     tokens_s = args.batch * args.seq * steps_done / elapsed
+    if args.profile and world == 1 and device.type == "cuda":
+        row.update(_profile(lambda: _loss(model, ids, variant), optim, variant, args))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     if world > 1:
         import torch.distributed as dist
@@ -316,6 +318,74 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
 
         assert abs(flops_per_token(config, args.seq) - flops) < 1e-6 * flops, "FLOP count differs"
     return row
+
+
+def _profile(loss_fn: Any, optim: Any, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Returns the phase times of one more step; writes its kernel tables and host syncs to a file.
+
+    Three extra steps after the timed ones: one timed per phase with CUDA events (forward,
+    backward, optimizer, in ms), one under ``torch.cuda.set_sync_debug_mode("warn")`` whose
+    warnings (one per host sync) are counted by Python source line, and one under
+    ``torch.profiler`` whose aten ops and kernels are tabled by self device time. The text goes to
+    ``<result>.profile.txt`` next to the variant's result.
+    """
+    import collections
+    import warnings
+
+    import torch
+    from torch.autograd import DeviceType
+
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    events[0].record()
+    loss = loss_fn()
+    events[1].record()
+    loss.backward()
+    events[2].record()
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    events[3].record()
+    torch.cuda.synchronize()
+    phases = {
+        f"{name}_ms": events[i].elapsed_time(events[i + 1])
+        for i, name in enumerate(("forward", "backward", "optimizer"))
+    }
+    syncs: collections.Counter[str] = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss_fn().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        optim.zero_grad(set_to_none=True)
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    torch.cuda.synchronize()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        loss_fn().backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    ops = [e for e in averages if e.device_type != DeviceType.CUDA and e.self_device_time_total > 0]
+    total_us = sum(e.self_device_time_total for e in kernels)
+    lines = [
+        f"# {variant}: one step, {args.layers} layers, seq {args.seq}; phases {phases}",
+        f"# device time of all kernels: {total_us / 1e3:.1f} ms",
+        f"# host syncs in one forward+backward: {sum(syncs.values())} {dict(syncs.most_common(20))}",
+        "\n## aten ops by self device time (ms, calls)",
+    ]
+    for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:45]:
+        lines.append(f"{e.self_device_time_total / 1e3:9.2f} {e.count:6d}  {e.key[:110]}")
+    lines.append("\n## kernels by device time (ms, calls)")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:45]:
+        lines.append(f"{e.self_device_time_total / 1e3:9.2f} {e.count:6d}  {e.key[:140]}")
+    Path(f"{args.result}.profile.txt").write_text("\n".join(lines) + "\n")
+    return {**phases, "host_syncs": sum(syncs.values()), "kernel_ms": total_us / 1e3}
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -359,6 +429,7 @@ def _command(variant: str, args: argparse.Namespace, result: Path, port: int) ->
         f"--{k}={getattr(args, k)}" for k in ("layers", "seq", "batch", "warmup", "steps", "budget")
     ]
     passthrough += ["--smoke"] if args.smoke else []
+    passthrough += ["--profile"] if args.profile else []
     script = [__file__, "--variant", variant, f"--result={result}", *passthrough]
     if variant not in EP_SIZES:
         return [sys.executable, *script]
@@ -391,6 +462,12 @@ def _cell(row: dict[str, Any]) -> str:
         for k in ("experts_implementation", "nemo_backend", "note", "transformers")
         if row.get(k)
     )
+    if "forward_ms" in row:  # --profile
+        note += (
+            f"; step ms fwd {row['forward_ms']:.1f} / bwd {row['backward_ms']:.1f} / optim "
+            f"{row['optimizer_ms']:.1f}, kernels {row['kernel_ms']:.1f}, "
+            f"{row['host_syncs']} host syncs"
+        )
     return (
         f"| {name} | {row['gpus']} | {row['tokens_s']:,.0f} | {100 * row['mfu']:.1f}% "
         f"| {row['peak_gib']:.1f} | {row['first_loss']:.4f} -> {row['last_loss']:.4f} | {note} |"
@@ -428,6 +505,12 @@ def main() -> None:
         help="seconds of timed steps after which a 1-GPU variant stops early (default 60)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, 2 steps")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="1-GPU variants: 3 more steps for phase times, host syncs and a torch.profiler "
+        "kernel table (<variant>.json.profile.txt in the log folder); needs CUDA",
+    )
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = (2, 32, 1, 1, 2, 60.0) if args.smoke else (8, 4096, 1, 3, 8, 60.0)
