@@ -24,6 +24,70 @@ def _tanh(x):
 
 
 @triton.jit
+def _row_stats(
+    base,
+    n_cols,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    NEED_Z_SUM: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Returns (max, sum of exp(z - max), sum of z or 0) of one row, read once (online softmax)."""
+    row_max = tl.zeros([], dtype=tl.float32) - float("inf")
+    sum_exp = tl.zeros([], dtype=tl.float32)
+    z_sum = tl.zeros([], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        if NEED_Z_SUM:  # label smoothing's mean logit
+            z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        z = tl.where(mask, z, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(z, axis=0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        row_max = new_max
+    return row_max, sum_exp, z_sum
+
+
+@triton.jit
+def _write_row_grad(
+    src,
+    dst,
+    n_cols,
+    local_label,
+    lse,
+    scale,
+    vocab_size,
+    softcap,
+    label_smoothing,
+    z_loss_weight,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Writes ``scale * d loss / d z`` of one row (``src``'s logits) to ``dst`` (may be ``src``).
+
+    ``local_label`` is the label's column in this row slice (out of range when another vocab shard
+    owns it, or the token is ignored); ``vocab_size`` is the whole vocab, for label smoothing.
+    """
+    # d(lse + w * lse^2)/dz = softmax * (1 + 2 w lse).
+    softmax_coef = 1.0 + 2.0 * z_loss_weight * lse
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = _tanh(z / softcap)
+            z = softcap * t
+        g = tl.exp(z - lse) * softmax_coef - label_smoothing / vocab_size
+        g = tl.where(cols == local_label, g - (1.0 - label_smoothing), g)
+        if HAS_SOFTCAP:
+            g = g * (1.0 - t * t)
+        tl.store(dst + cols, (g * scale).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ce_stats_kernel(
     LOGITS,
     LABELS,
@@ -43,21 +107,7 @@ def _ce_stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
     label = tl.load(LABELS + row).to(tl.int64)
-    row_max = tl.zeros([], dtype=tl.float32) - float("inf")
-    sum_exp = tl.zeros([], dtype=tl.float32)
-    z_sum = tl.zeros([], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        if NEED_Z_SUM:
-            z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        z = tl.where(mask, z, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(z, axis=0))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-        row_max = new_max
+    row_max, sum_exp, z_sum = _row_stats(base, n_cols, softcap, HAS_SOFTCAP, NEED_Z_SUM, BLOCK_V)
     local = label - vocab_start
     owned = (label != ignore_index) & (local >= 0) & (local < n_cols)
     z_label = tl.load(base + tl.where(owned, local, 0)).to(tl.float32)
@@ -90,26 +140,23 @@ def _ce_grad_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = LOGITS + row * stride_row
-    out = DLOGITS + row * stride_drow
     label = tl.load(LABELS + row).to(tl.int64)
     scale = tl.load(SCALE + row * stride_scale).to(tl.float32)
     scale = tl.where(label != ignore_index, scale, 0.0)
-    lse = tl.load(LSE + row)
-    softmax_coef = 1.0 + 2.0 * z_loss_weight * lse
-    local = label - vocab_start
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            t = _tanh(z / softcap)
-            z = softcap * t
-        g = tl.exp(z - lse) * softmax_coef - label_smoothing / vocab_size
-        g = tl.where(cols == local, g - (1.0 - label_smoothing), g)
-        if HAS_SOFTCAP:
-            g = g * (1.0 - t * t)
-        tl.store(out + cols, (g * scale).to(DLOGITS.dtype.element_ty), mask=mask)
+    _write_row_grad(
+        LOGITS + row * stride_row,
+        DLOGITS + row * stride_drow,
+        n_cols,
+        label - vocab_start,
+        tl.load(LSE + row),
+        scale,
+        vocab_size,
+        softcap,
+        label_smoothing,
+        z_loss_weight,
+        HAS_SOFTCAP,
+        BLOCK_V,
+    )
 
 
 @triton.jit
@@ -132,20 +179,8 @@ def _ce_fused_kernel(
     base = LOGITS + row * stride_row
     label = tl.load(LABELS + row).to(tl.int64)
     valid = label != ignore_index
-    row_max = tl.zeros([], dtype=tl.float32) - float("inf")
-    sum_exp = tl.zeros([], dtype=tl.float32)
-    z_sum = tl.zeros([], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        z = tl.where(mask, z, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(z, axis=0))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-        row_max = new_max
+    row_max, sum_exp, z_sum = _row_stats(base, n_cols, softcap, HAS_SOFTCAP, True, BLOCK_V)
+    # The label logit is read here, before the gradient overwrites the row.
     z_label = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
     if HAS_SOFTCAP:
         z_label = softcap * _tanh(z_label / softcap)
@@ -154,20 +189,20 @@ def _ce_fused_kernel(
     loss += z_loss_weight * lse * lse
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     scale = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
-    softmax_coef = 1.0 + 2.0 * z_loss_weight * lse
-    # The label logit was read above, before this loop overwrites the row.
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            t = _tanh(z / softcap)
-            z = softcap * t
-        g = tl.exp(z - lse) * softmax_coef - label_smoothing / n_cols
-        g = tl.where(cols == label, g - (1.0 - label_smoothing), g)
-        if HAS_SOFTCAP:
-            g = g * (1.0 - t * t)
-        tl.store(base + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
+    _write_row_grad(
+        base,
+        base,
+        n_cols,
+        label,
+        lse,
+        scale,
+        n_cols,
+        softcap,
+        label_smoothing,
+        z_loss_weight,
+        HAS_SOFTCAP,
+        BLOCK_V,
+    )
 
 
 # The fused kernel runs one program per row of a small chunk (256 rows at a 128k vocab): too few
