@@ -166,25 +166,38 @@ def _loop_grouped(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grouped_mm_matches_a_per_expert_loop_with_empty_experts(backend: str) -> None:
+@pytest.mark.parametrize("layout", ["transformers", "row_major"])
+def test_grouped_mm_matches_a_per_expert_loop_with_empty_experts(backend: str, layout: str) -> None:
     torch.manual_seed(0)
     counts = [5, 0, 7, 0, 4]
     x = torch.randn(sum(counts), 16, requires_grad=True)
-    w_full = torch.randn(5, 24, 16, requires_grad=True)  # transformers' [E, out, in] layout
+    if layout == "transformers":  # [E, out, in] parameters, multiplied through a transposed view
+        w_full = torch.randn(5, 24, 16, requires_grad=True)
+        view = lambda: w_full.transpose(1, 2)  # noqa: E731
+    else:  # [E, in, out] parameters used as they are
+        w_full = torch.randn(5, 16, 24, requires_grad=True)
+        view = lambda: w_full  # noqa: E731
     grad = torch.randn(sum(counts), 24)
-    got = grouped_mm(x, w_full.transpose(1, 2), torch.tensor(counts), backend=backend)
+    w = view()
+    seen: list[torch.Tensor] = []
+    if w is not w_full:
+        w.register_hook(seen.append)
+    got = grouped_mm(x, w, torch.tensor(counts), backend=backend)
     got.backward(grad)
     gx, gw = x.grad, w_full.grad
+    if seen and backend == "grouped_mm":
+        # The weight gradient comes back in the parameter's own layout: no strided copy.
+        assert seen[0].transpose(1, 2).is_contiguous()
     x.grad = w_full.grad = None
-    want = _loop_grouped(x, w_full.transpose(1, 2), counts)
+    want = _loop_grouped(x, view(), counts)
     want.backward(grad)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, x.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gw, w_full.grad, atol=1e-5, rtol=1e-5)
     assert (
         gw is not None
-        and torch.equal(gw[1], torch.zeros(24, 16))
-        and torch.equal(gw[3], torch.zeros(24, 16))
+        and torch.equal(gw[1], torch.zeros_like(gw[1]))
+        and torch.equal(gw[3], torch.zeros_like(gw[3]))
     )
 
 
