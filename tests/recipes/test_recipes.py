@@ -31,6 +31,7 @@ def _drive(runs: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
 def test_pretrain_distill_lora_classification_vlm_benchmark(tmp_path: Path, tiny_model_dir):
     """One subprocess runs the real CLI six times: one interpreter and torch import for all."""
     qwen3 = tiny_model_dir("qwen3")
+    qwen3_moe = tiny_model_dir("qwen3_moe")
     bert = tiny_model_dir("bert")
     llava = add_processor(Path(shutil.copytree(tiny_model_dir("llava"), tmp_path / "llava")))
     vlm_data = write_vlm_data(tmp_path / "vlm", 4)
@@ -57,6 +58,8 @@ def test_pretrain_distill_lora_classification_vlm_benchmark(tmp_path: Path, tiny
          *[a for a in quick if not a.startswith("data.train.limit")], "training.max_steps=2",
          "training.micro_batch_size=2", "model.dtype=float32", f"model.name_or_path={llava}",
          f"data.train.path={vlm_data}", f"training.output_dir={tmp_path / 'vlm_out'}"],
+        ["finetune", *quick, "training.max_steps=2", f"model.name_or_path={qwen3_moe}",
+         "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001", f"training.output_dir={tmp_path / 'moe'}"],
     ]  # fmt: skip
     results = _drive(runs, tmp_path)
     for code, body in results:
@@ -105,3 +108,11 @@ def test_pretrain_distill_lora_classification_vlm_benchmark(tmp_path: Path, tiny
     assert final == (tmp_path / "vlm_out" / "model").resolve()
     assert AutoModelForImageTextToText.from_pretrained(final).config.model_type == "llava"
     assert AutoProcessor.from_pretrained(final).chat_template
+    # MoE SFT: router losses and load balance logged on every log step, on the console too.
+    records = [json.loads(x) for x in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    moe_records = [r for r in records if "loss" in r]
+    assert len(moe_records) == 2, records
+    for rec in moe_records:
+        assert rec["moe/aux_loss"] > 0 and rec["moe/z_loss"] > 0, rec
+        assert rec["moe/imbalance_max"] >= rec["moe/imbalance_mean"] >= 1.0, rec
+    assert re.search(r"step 2/2 loss=[0-9.]+ .* aux_loss=[0-9.e-]+ z_loss=", results[6][1])

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from automodel.recipes._components import build_loss, build_optimizer, lm_inputs
 from automodel.recipes._fp8 import apply_fp8, check_fp8
 from automodel.recipes._model_io import _load_model, load_tokenizer, sample, save_final
+from automodel.recipes._moe import RouterLosses
 from automodel.recipes._peft import apply_lora
 from automodel.recipes.config import RecipeConfig
 from automodel.recipes.data import (
@@ -37,21 +38,53 @@ from automodel.recipes.train import (
 )
 from automodel.recipes.train._data_parallel import describe, parallelize_for_training
 
-LossFactory = Callable[
-    [RecipeConfig, Runtime], Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
-]
+LossFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
+LossFactory = Callable[[RecipeConfig, Runtime, Any], LossFn]
 
 
-def default_loss(
-    cfg: RecipeConfig, rt: Runtime
-) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:
-    """Returns (model, batch) -> summed token cross-entropy (or the configured `_target_` loss)."""
-    loss_fn = build_loss(cfg)
+def _local(loss: torch.Tensor) -> torch.Tensor:
+    """Returns a plain tensor: under tensor parallelism the model's loss can be a replicated DTensor."""
+    from torch.distributed.tensor import DTensor
 
-    def loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_fn(model(**lm_inputs(batch)).logits, batch["labels"])  # type: ignore[no-any-return]
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
-    return loss
+
+class CausalLMLoss:
+    """(model, batch) -> summed token cross-entropy, plus the router terms of MoE models.
+
+    By default the model computes the loss itself (``labels`` + ``num_items_in_batch=1`` = a sum):
+    automodel's families then run the fused linear cross-entropy and never hold the
+    [tokens, vocab] logits, nor return them. A ``training.loss`` `_target_` gets the logits.
+    """
+
+    def __init__(self, cfg: RecipeConfig, model: Any) -> None:
+        self.router = RouterLosses.for_model(model, cfg.moe)
+        self.extra = self.router.forward_kwargs() if self.router is not None else {}
+        self.custom = build_loss(cfg) if cfg.training.loss is not None else None
+        if self.custom is None and hasattr(model, "logits_with_loss"):
+            model.logits_with_loss = False
+        self.metrics = self.router.metrics if self.router is not None else None
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        if self.custom is not None:
+            out = model(**lm_inputs(batch), **self.extra)
+            total = self.custom(out.logits, labels)
+        else:
+            # labels are already shifted: shift_labels says so (labels= makes HF compute a loss).
+            out = model(
+                **lm_inputs(batch), labels=labels, shift_labels=labels, num_items_in_batch=1,
+                **self.extra,
+            )  # fmt: skip
+            total = _local(out.loss)
+        if self.router is not None:
+            total = total + self.router.term(out, batch, (labels != IGNORE_INDEX).sum())
+        return total  # type: ignore[no-any-return]
+
+
+def default_loss(cfg: RecipeConfig, rt: Runtime, model: Any) -> LossFn:
+    """Returns the causal-LM loss of ``model`` per ``cfg`` (see :class:`CausalLMLoss`)."""
+    return CausalLMLoss(cfg, model)
 
 
 def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> Path:
@@ -97,7 +130,7 @@ def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> P
 
     optimizer = build_optimizer(cfg, model, rt.device)
     scheduler = build_scheduler(optimizer, t.max_steps, cfg.lr_scheduler)
-    loss = make_loss(cfg, rt)
+    loss = make_loss(cfg, rt, model)
 
     def collate_fn(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate(rows, tokenizer.pad_token_id)
@@ -136,6 +169,7 @@ def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> P
         ),
         clip=par.clip,
         grad_scale=par.grad_scale,
+        metrics=getattr(loss, "metrics", None),
     )
     result = train(
         cfg, rt, model, optimizer, scheduler, batches, fns, out, metrics, val_batches=val

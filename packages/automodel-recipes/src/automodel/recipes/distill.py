@@ -43,7 +43,7 @@ def kd_loss_sum(
 
 
 def _distill_loss(
-    cfg: RecipeConfig, rt: Runtime
+    cfg: RecipeConfig, rt: Runtime, model: Any
 ) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:
     assert cfg.distill is not None
     d = cfg.distill

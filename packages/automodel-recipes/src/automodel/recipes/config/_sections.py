@@ -139,13 +139,39 @@ class ParallelSection(Section):
     tp: int = 1
     """Tensor parallel: splits each matmul across GPUs of a node (for models too big per GPU)."""
     pp: int = 1
+    """Pipeline parallel: not run by the recipes' loop yet (automodel.parallel.pipeline is)."""
     cp: int = 1
-    """Context parallel: splits the sequence (very long contexts)."""
+    """Context parallel: not run by the recipes' loop yet (automodel.parallel.context_parallel is)."""
     ep: int = 1
     """Expert parallel (MoE): spreads experts across ranks."""
     sequence_parallel: bool = False
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: saves memory, costs ~20-30% speed ('full')."""
+
+    @model_validator(mode="after")
+    def _loop_runs_it(self) -> ParallelSection:
+        # The loop calls model(**batch) then backward: pipelining needs a schedule driving the
+        # stages and context parallelism sharded sequences around forward and backward. Running
+        # such a config would silently give an unpipelined / unsharded run: refuse it instead.
+        for name, doc in (("pp", "pipeline"), ("cp", "context_parallel")):
+            if getattr(self, name) != 1:
+                raise ValueError(
+                    f"parallel.{name}={getattr(self, name)}: the recipes' training loop does not "
+                    f"run {name.upper()} yet; set parallel.{name}: 1 (use dp_shard/tp/ep), or drive "
+                    f"automodel.parallel.{doc} from your own loop (automodel-parallel README)"
+                )
+        return self
+
+
+class MoESection(Section):
+    """Mixture-of-experts training (router losses, load-balance metrics); ignored by dense models."""
+
+    aux_loss_coef: float | None = Field(default=None, ge=0.0)
+    """Load-balancing loss weight; null = the model config's router_aux_loss_coef, 0 = off."""
+    z_loss_coef: float = Field(default=0.0, ge=0.0)
+    """Router z-loss weight (ST-MoE; 1e-3 is common); keeps router logits small. 0 = off."""
+    log_balance: bool = True
+    """Log tokens-per-expert imbalance (max/mean) and the router losses on log steps."""
 
 
 class CheckpointSection(Section):
@@ -246,6 +272,7 @@ class RecipeConfig(Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     peft: PeftSection | None = None
     fp8: Fp8Section = Field(default_factory=Fp8Section)
+    moe: MoESection = Field(default_factory=MoESection)
     distill: DistillSection | None = None
     benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
 

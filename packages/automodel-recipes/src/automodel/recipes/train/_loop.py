@@ -42,6 +42,7 @@ class StepFunctions:
     ``tokens``: batch -> number of input tokens processed (for tokens/s).
     ``sync_grads``: called after the last backward of a step (manual data parallel), or None.
     ``grad_scale``: multiplies the loss so data-parallel gradient averaging yields a global sum.
+    ``metrics``: () -> extra scalars to log on log steps (e.g. MoE router losses), or None.
     """
 
     loss: Callable[[Any, Batch], torch.Tensor]
@@ -50,6 +51,7 @@ class StepFunctions:
     sync_grads: Callable[[], None] | None = None
     clip: Callable[[float], torch.Tensor] | None = None
     grad_scale: float = 1.0
+    metrics: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass
@@ -193,6 +195,10 @@ def train(
                     if peak_flops:
                         record["mfu"] = tflops * 1e12 / peak_flops
                         line += f" MFU={record['mfu']:.1%}"
+                if fns.metrics is not None:
+                    extra = fns.metrics()
+                    record.update(extra)
+                    line += "".join(f" {k.split('/')[-1]}={v:.3g}" for k, v in extra.items())
                 if rt.device.type == "cuda":
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     line += f" mem={record['peak_mem_gib']:.1f}GiB"
