@@ -46,23 +46,57 @@ SHAPES: dict[str, dict[str, int]] = {
     "8b": {"batch": 1, "seq": 8192, "hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8,
            "head_dim": 128, "vocab": 128256},
 }  # fmt: skip
-OPS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy")
+OPS = (
+    "copy",
+    "rms_norm",
+    "add_rms_norm",
+    "rope",
+    "swiglu",
+    "cross_entropy",
+    "linear_cross_entropy",
+)
 IMPLS = ("eager", "compile", "liger", "automodel")
 # Extra automodel variants of linear_cross_entropy: tokens per chunk.
-LCE_CHUNKS = (256, 1024)
+LCE_CHUNKS = (256, 384)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 BF16 = 2
 
 
-def _variants(ops: list[str], shapes: list[str], impls: list[str]) -> list[tuple[str, str, str]]:
+def _variants(
+    ops: list[str], shapes: list[str], impls: list[str], sweep: list[str] = ()
+) -> list[tuple[str, str, str]]:
+    """Returns every (op, shape, impl) to run; ``sweep`` adds ``op:impl`` entries at each shape."""
     out = []
     for shape in shapes:
         for op in ops:
             for impl in impls:
-                out.append((op, shape, impl))
+                if op != "copy" or impl == "eager":  # copy: the bandwidth a plain clone reaches
+                    out.append((op, shape, impl))
             if op == "linear_cross_entropy" and "automodel" in impls:
                 out += [(op, shape, f"automodel_chunk{c}") for c in LCE_CHUNKS]
+            out += [
+                (op, shape, entry.split(":", 1)[1]) for entry in sweep if entry.startswith(f"{op}:")
+            ]
     return out
+
+
+def _apply_tuning(op: str, impl: str) -> None:
+    """Sets the launch geometry an ``automodel@key=value+key=value`` variant names."""
+    if "@" not in impl:
+        return
+    if op in ("rms_norm", "add_rms_norm"):
+        from automodel.kernels._triton.norm import BWD_TUNING as tuning
+    elif op == "rope":
+        from automodel.kernels._triton.rope import TUNING as tuning
+    else:
+        raise ValueError(f"variant {impl!r}: op {op!r} has no launch tuning to sweep")
+    for item in impl.split("@", 1)[1].split("+"):
+        key, value = item.split("=")
+        if key not in tuning:
+            raise ValueError(
+                f"variant {impl!r}: unknown key {key!r}; expected one of {list(tuning)}"
+            )
+        tuning[key] = int(value)
 
 
 # ----------------------------------------------------------------------------- child process
@@ -83,6 +117,10 @@ def _build(op: str, s: dict[str, int], impl: str) -> tuple[Callable[[], Any], li
     def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, device=dev) * scale).to(dt).requires_grad_(True)
 
+    if op == "copy":
+        # The practical ceiling of a memory-bound op: clone the 8192 x FFN gate activations.
+        src = torch.randn(tokens, s["ffn"], device=dev).to(dt)
+        return (lambda: src.clone()), [], 2 * src.numel() * BF16
     if op in ("rms_norm", "add_rms_norm"):
         x, weight = leaf(tokens, s["hidden"]), leaf(s["hidden"])
         residual = leaf(tokens, s["hidden"])
@@ -118,6 +156,8 @@ def _build(op: str, s: dict[str, int], impl: str) -> tuple[Callable[[], Any], li
 
                 def forward() -> Any:
                     return fn(x, residual, weight)
+
+        n_bytes += _dw_partial_bytes(impl, tokens, s["hidden"])
     elif op == "rope":
         b, n, hq, hk, d = s["batch"], s["seq"], s["heads"], s["kv_heads"], s["head_dim"]
         # HF layout: projections are [B, S, H, D] in memory, viewed as [B, H, S, D].
@@ -214,6 +254,22 @@ def _build(op: str, s: dict[str, int], impl: str) -> tuple[Callable[[], Any], li
     return step, params, n_bytes
 
 
+def _dw_partial_bytes(impl: str, tokens: int, hidden: int) -> int:
+    """Returns the HBM bytes of a norm's fp32 weight-gradient partials (written, then summed)."""
+    import torch
+
+    if impl == "liger":
+        rows = torch.cuda.get_device_properties(0).multi_processor_count  # one row per SM
+    elif impl.startswith("automodel"):
+        from automodel.kernels._triton.launch import persistent_programs
+        from automodel.kernels._triton.norm import BWD_TUNING
+
+        rows = persistent_programs(torch.device("cuda", 0), tokens, BWD_TUNING["programs_per_sm"])
+    else:
+        return 0  # eager/compile reduce the weight gradient without a partials buffer
+    return 2 * rows * hidden * 4
+
+
 def _first(out: Any) -> Any:
     """Liger's losses return a tensor, a tuple or an output object, depending on the version."""
     if isinstance(out, tuple):
@@ -221,10 +277,68 @@ def _first(out: Any) -> Any:
     return getattr(out, "loss", out)
 
 
+def _graph_ms(step: Callable[[], None], iters: int = 10) -> float | None:
+    """Returns the ms per step of ``iters`` steps captured in one CUDA graph (None if uncapturable).
+
+    Replaying a graph launches every kernel of a step without Python, autograd or launch overhead:
+    what is left is the kernels' own time plus the short gaps between them on the GPU.
+    """
+    import torch
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                step()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as error:  # e.g. a host sync inside a peer's op
+        print(f"graph capture failed: {error!r}", flush=True)
+        return None
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def _kernel_ms(step: Callable[[], None], iters: int = 5) -> tuple[float, list[list[Any]]]:
+    """Returns (ms of GPU work per step, [[kernel, us per step], ...]) from torch.profiler.
+
+    The sum of the durations of every kernel, memset and copy the GPU ran for a step, as CUPTI
+    reports them: the time the kernels themselves take, with no gap or launch overhead between.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            us = event.time_range.elapsed_us()
+            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + us / iters
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]
+    return sum(per_kernel.values()) / 1e3, [[name[:80], round(us, 1)] for name, us in top]
+
+
 def _child(op: str, shape: str, impl: str) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(0)
+    _apply_tuning(op, impl)
     step, _, n_bytes = _build(op, SHAPES[shape], impl)
     for _ in range(3):
         step()
@@ -245,7 +359,12 @@ def _child(op: str, shape: str, impl: str) -> dict[str, Any]:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     ms = statistics.median(times)
-    return {"op": op, "shape": shape, "impl": impl, "ms": ms, "peak_gib": peak / 2**30,
+    kernel_ms, kernels = _kernel_ms(step)
+    # The fused losses take milliseconds: launch overhead does not matter there (and Liger's
+    # syncs with the host), so only the memory-bound ops are replayed as CUDA graphs.
+    graph_ms = _graph_ms(step) if n_bytes else None
+    return {"op": op, "shape": shape, "impl": impl, "ms": ms, "graph_ms": graph_ms,
+            "kernel_ms": kernel_ms, "kernels": kernels, "peak_gib": peak / 2**30,
             "bytes": n_bytes, "gpu": torch.cuda.get_device_name(),
             "torch": torch.__version__}  # fmt: skip
 
@@ -284,26 +403,34 @@ def _table(results: list[dict[str, Any]]) -> str:
     bandwidth = next((v for k, v in PEAK_BANDWIDTH.items() if k in gpu), None)
     eager = {(r["op"], r["shape"]): r for r in results if r["impl"] == "eager" and "ms" in r}
     lines = [
-        f"GPU: {gpu}; torch {next((r['torch'] for r in results if 'torch' in r), '?')}",
+        f"GPU: {gpu}; torch {next((r['torch'] for r in results if 'torch' in r), '?')}; "
+        "launched = back-to-back Python steps, graph = one CUDA graph replay, kernels = sum of the "
+        "kernels' own durations (torch.profiler); roofline % from the graph and kernel times",
         "",
-        "| op | shape | impl | fwd+bwd ms | speed vs eager | peak GiB above inputs | memory vs eager | GB/s | % roofline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | impl | launched ms | graph ms | kernels ms | vs eager | peak GiB | "
+        "memory vs eager | MB moved | % roofline graph | % roofline kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         head = f"| {r['op']} | {r['shape']} | {r['impl']} |"
         if "ms" not in r:
-            lines.append(f"{head} {r['error']} | | | | | | |")
+            lines.append(f"{head} {r['error']} | | | | | | | | |")
             continue
         ref = eager.get((r["op"], r["shape"]))
-        speed = f"{ref['ms'] / r['ms']:.2f}x" if ref else ""
+        # Memory-bound ops compare GPU time (graph); the losses compare the launched time.
+        key = "graph_ms" if r.get("graph_ms") and ref and ref.get("graph_ms") else "ms"
+        speed = f"{ref[key] / r[key]:.2f}x" if ref else ""
         memory = f"{r['peak_gib'] / ref['peak_gib']:.2f}x" if ref and ref["peak_gib"] > 0 else ""
-        gbs = roof = ""
-        if r["bytes"]:
-            rate = r["bytes"] / (r["ms"] * 1e-3)
-            gbs = f"{rate / 1e9:.0f}"
-            roof = f"{100 * rate / bandwidth:.0f}%" if bandwidth else ""
+        mb = roof_graph = roof_kernels = ""
+        if r["bytes"] and bandwidth:
+            mb = f"{r['bytes'] / 1e6:.0f}"
+            if r.get("graph_ms"):
+                roof_graph = f"{100 * r['bytes'] / (r['graph_ms'] * 1e-3) / bandwidth:.0f}%"
+            roof_kernels = f"{100 * r['bytes'] / (r['kernel_ms'] * 1e-3) / bandwidth:.0f}%"
+        graph = f"{r['graph_ms']:.3f}" if r.get("graph_ms") else ""
         lines.append(
-            f"{head} {r['ms']:.3f} | {speed} | {r['peak_gib']:.3f} | {memory} | {gbs} | {roof} |"
+            f"{head} {r['ms']:.3f} | {graph} | {r['kernel_ms']:.3f} | {speed} | "
+            f"{r['peak_gib']:.3f} | {memory} | {mb} | {roof_graph} | {roof_kernels} |"
         )
     return "\n".join(lines)
 
@@ -313,6 +440,9 @@ def main() -> None:
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument(
+        "--sweep", default="", help="extra op:impl variants, e.g. rope:automodel@num_warps=8"
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant")
     parser.add_argument("--child", nargs=3, metavar=("OP", "SHAPE", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -323,7 +453,8 @@ def main() -> None:
         return
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp())
     out_dir.mkdir(parents=True, exist_ok=True)
-    variants = _variants(args.ops.split(","), args.shapes.split(","), args.impls.split(","))
+    sweep = [entry for entry in args.sweep.split(",") if entry]
+    variants = _variants(args.ops.split(","), args.shapes.split(","), args.impls.split(","), sweep)
     results = []
     for variant in variants:
         result = _run_variant(variant, out_dir, args.timeout)

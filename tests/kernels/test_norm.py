@@ -66,8 +66,12 @@ def test_norm_rejects_bad_inputs() -> None:
 
 def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Both backends on the same inputs, in a TRITON_INTERPRET=1 process."""
+    from automodel.kernels._triton.norm import BWD_TUNING
+
     pairs = []
-    for offset in (0.0, 1.0):
+    # 15 rows on 4 programs (4, 4, 4, 3 rows): 2 rows per backward step leave a masked tail.
+    for offset, rows_per_step in ((0.0, 1), (1.0, 1), (0.0, 2), (1.0, 2)):
+        BWD_TUNING["rows_per_step"] = rows_per_step
         torch.manual_seed(2)
         # 40 columns: not a power of two, so the masked tail of the block is exercised.
         x = torch.randn(5, 3, 40).requires_grad_(True)
@@ -82,7 +86,8 @@ def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Ten
             results[backend] = (out, normed, summed, *grads)
         names = ("out", "normed", "summed", "dx", "dresidual", "dweight")
         for name, got, want in zip(names, results["triton"], results["torch"]):
-            pairs.append((f"offset={offset} {name}", got.detach(), want.detach()))
+            label = f"offset={offset} rows_per_step={rows_per_step} {name}"
+            pairs.append((label, got.detach(), want.detach()))
     return pairs
 
 

@@ -10,6 +10,11 @@ import triton.language as tl
 
 from automodel.kernels._triton.launch import persistent_programs, row_block, warps_for
 
+# Launch geometry of the backward kernel: programs per SM (the persistent grid), rows each program
+# handles per step, and warps per program (0: chosen from the tile size). benchmarks/kernels_bench.py
+# sweeps these (``automodel@programs_per_sm=2,rows_per_step=2``).
+BWD_TUNING = {"programs_per_sm": 4, "rows_per_step": 1, "num_warps": 0}
+
 
 @triton.jit
 def _rms_norm_fwd_kernel(
@@ -71,33 +76,37 @@ def _rms_norm_bwd_kernel(
     offset,
     HAS_DS: tl.constexpr,
     GEMMA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """One program: ``BLOCK_R`` rows per step over its slice of rows; one weight-gradient partial."""
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    cols = tl.arange(0, BLOCK)[None, :]
+    cmask = cols < n_cols
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     if GEMMA:
         w = w + offset
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
     # int64 row indices: rows * stride can pass 2**31 elements.
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, n_rows)
-    for row64 in range(start, end):
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0)
-        rstd = tl.load(RSTD + row64)
+    for first in range(start, end, BLOCK_R):
+        rows = first + tl.arange(0, BLOCK_R)[:, None]
+        mask = (rows < end) & cmask
+        dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rows < end, other=0.0)
         h = x.to(tl.float32) * rstd
         if GEMMA:
             dw += dy * h
         else:
             dw += dy * h.to(x.dtype).to(tl.float32)
         g = dy * w
-        dx = rstd * (g - h * (tl.sum(g * h, axis=0) / n_cols))
+        dx = rstd * (g - h * (tl.sum(g * h, axis=1)[:, None] / n_cols))
         if HAS_DS:
-            dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+            dx += tl.load(DS + rows * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0)[None, :], mask=cmask)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -156,10 +165,11 @@ def _backward(
     dy2 = _as_rows(dy)
     dx = torch.empty_like(x2)
     ds2 = _as_rows(d_summed) if d_summed is not None else dy2
-    programs = persistent_programs(x2.device, n_rows)
+    programs = persistent_programs(x2.device, n_rows, BWD_TUNING["programs_per_sm"])
     rows_per_program = triton.cdiv(n_rows, programs)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     block = row_block(n_cols)
+    rows_per_step = BWD_TUNING["rows_per_step"]
     _rms_norm_bwd_kernel[(programs,)](
         dy2,
         x2,
@@ -178,8 +188,9 @@ def _backward(
         offset,
         HAS_DS=d_summed is not None,
         GEMMA=offset != 0.0,
+        BLOCK_R=rows_per_step,
         BLOCK=block,
-        num_warps=warps_for(block),
+        num_warps=BWD_TUNING["num_warps"] or warps_for(block * rows_per_step),
     )
     dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw

@@ -8,6 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Warps per program (one program rotates every head of one token); benchmarks/kernels_bench.py
+# sweeps it (``automodel@num_warps=8``).
+TUNING = {"num_warps": 4}
+
 
 @triton.jit
 def _rotate_heads(
@@ -139,7 +143,7 @@ def _rotate(
         BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(rot_dim // 2),
         BLOCK_PASS=triton.next_power_of_2(max(pass_dim, 1)),
-        num_warps=4,
+        num_warps=TUNING["num_warps"],
     )  # fmt: skip
     return q_out, k_out
 
