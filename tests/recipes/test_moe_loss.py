@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from automodel.recipes._components import token_loss_sum
-from automodel.recipes._lm_training import CausalLMLoss
+from automodel.recipes._lm_loss import CausalLMLoss
 from automodel.recipes._moe import router_z_loss
 from automodel.recipes.config import ConfigError, RecipeConfig
 

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from automodel.recipes._components import build_optimizer, token_loss_sum
+from automodel.recipes._components import build_optimizer
 from automodel.recipes._fp8 import apply_fp8, check_fp8
+from automodel.recipes._lm_loss import CausalLMLoss
 from automodel.recipes._model_io import _load_model
 from automodel.recipes.config import RecipeConfig
 from automodel.recipes.train import build_scheduler, setup_runtime, teardown_runtime
@@ -42,6 +43,7 @@ def run(cfg: RecipeConfig) -> Path:
     if t.compile:
         model.compile()
     optimizer = build_optimizer(cfg, model, rt.device)
+    loss_fn = CausalLMLoss(cfg, model)
     scheduler = build_scheduler(optimizer, t.max_steps, cfg.lr_scheduler)
     peak = peak_flops(rt.device, b.peak_tflops)
     vocab = model.config.get_text_config().vocab_size
@@ -67,8 +69,7 @@ def run(cfg: RecipeConfig) -> Path:
             ids = torch.randint(0, vocab, (t.micro_batch_size, b.seq_len + 1), generator=gen).to(
                 rt.device
             )
-            logits = model(input_ids=ids[:, :-1], use_cache=False).logits
-            ce = token_loss_sum(logits, ids[:, 1:])
+            ce = loss_fn(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
             # Mean over the global batch; grad_scale undoes FSDP's average over ranks.
             (ce * (par.grad_scale / (tokens_per_step * rt.dp_size))).backward()
             last_loss = ce.detach() / ids[:, 1:].numel()
