@@ -45,7 +45,8 @@ for stage in "$@"; do
       timeout ${PARALLEL_TESTS_TIMEOUT:-1200} python3 -m pytest -m gpu tests/parallel -v -p no:cacheprovider -o addopts="--import-mode=importlib -ra" \
         --timeout 180 2>&1 | tee "$OUT/parallel_gpu_tests.log" | tail -60 ;;
     parallel)
-      python3 benchmarks/parallel_bench.py --nproc "$(python3 -c 'import torch; print(torch.cuda.device_count())')" --timeout ${PARALLEL_VARIANT_TIMEOUT:-150} 2>&1 | tee "$OUT/parallel_bench.log" | tail -20 ;;
+      python3 benchmarks/parallel_bench.py --nproc "$(python3 -c 'import torch; print(torch.cuda.device_count())')" --timeout ${PARALLEL_VARIANT_TIMEOUT:-150} \
+        ${PARALLEL_VARIANTS:+--variants $PARALLEL_VARIANTS} 2>&1 | tee "$OUT/parallel_bench.log" | tail -20 ;;
     kernels)
       PYTHONPATH=$SRC:${LIGER_SITE:-} python3 benchmarks/kernels_bench.py --timeout 120 2>&1 | tee "$OUT/kernels_bench.log" | tail -40 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
