@@ -235,6 +235,64 @@ def test_permute_unpermute_round_trip_and_gradients() -> None:
     )
 
 
+def _triton_permute_worker(rank: int, world_size: int) -> list:
+    """permute/unpermute and their gradients on both backends, in a TRITON_INTERPRET=1 process."""
+    from automodel.kernels.moe import _triton_permute
+
+    torch.manual_seed(2)
+    pairs = []
+    # 37 columns: one masked block; then blocks of 16 columns, so rows span several blocks
+    # (a 2D grid forward, a column loop backward) as 2048-wide rows do past 4096 columns.
+    for tokens, top_k, experts, hidden, block in ((7, 3, 4, 37, 4096), (5, 2, 5, 37, 16)):
+        _triton_permute._MAX_BLOCK = block
+        x = torch.randn(tokens, hidden, requires_grad=True)
+        indices = torch.rand(tokens, experts).argsort(-1)[:, :top_k]
+        weights = torch.rand(tokens, top_k, requires_grad=True)
+        expert_scale = torch.randn(tokens * top_k, hidden)  # stands for the experts' MLPs
+        upstream = torch.randn(tokens, hidden)
+        results = {}
+        for backend in ("torch", "triton"):
+            permuted, row_map, _ = permute(x, indices, experts, backend=backend)
+            out = unpermute(permuted * expert_scale, row_map, weights, backend=backend)
+            grads = torch.autograd.grad(out, (x, weights), upstream)
+            results[backend] = (permuted, out, *grads)
+        names = ("permuted", "out", "d_x", "d_weights")
+        for name, got, want in zip(names, results["triton"], results["torch"], strict=True):
+            pairs.append((f"{name} (block {block})", got.detach(), want.detach()))
+    return pairs
+
+
+@pytest.mark.slow
+def test_triton_permute_unpermute_match_reference(triton_interpreter, assert_pairs_close) -> None:
+    assert_pairs_close(triton_interpreter(_triton_permute_worker), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_permute_unpermute_bf16_against_fp32(assert_rel_close) -> None:
+    """The compiled Triton kernels in bf16 against the torch reference in fp32, no host sync."""
+    torch.manual_seed(3)
+    tokens, top_k, experts, hidden = 300, 8, 16, 2048
+    x32 = torch.randn(tokens, hidden, device="cuda")
+    indices = torch.rand(tokens, experts, device="cuda").argsort(-1)[:, :top_k]
+    w32 = torch.rand(tokens, top_k, device="cuda")
+    scale = torch.randn(tokens * top_k, hidden, device="cuda")
+    upstream = torch.randn(tokens, hidden, device="cuda")
+    results = []
+    for backend, dtype in (("torch", torch.float32), ("triton", torch.bfloat16)):
+        x = x32.to(dtype).requires_grad_(True)
+        w = w32.clone().requires_grad_(True)
+        torch.cuda.set_sync_debug_mode("error" if backend == "triton" else "default")
+        try:
+            permuted, row_map, _ = permute(x, indices, experts, backend=backend)
+            out = unpermute(permuted * scale.to(dtype), row_map, w, backend=backend)
+            grads = torch.autograd.grad(out, (x, w), upstream.to(dtype))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append((out, *grads))
+    for name, got, want in zip(("out", "d_x", "d_weights"), results[1], results[0], strict=True):
+        assert_rel_close(got, want, 1e-2, name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_block_built_from_the_kernels_matches_transformers_mixtral(backend: str) -> None:
     from transformers import MixtralConfig

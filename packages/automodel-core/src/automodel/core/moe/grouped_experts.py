@@ -55,7 +55,8 @@ def _grouped_forward(
     )
     # Kept on device (no sync) for moe_load_stats; detached so it never holds the graph.
     self._automodel_tokens_per_expert = tokens_per_expert.detach()
-    return unpermute(out, row_map, top_k_weights.to(out.dtype)).to(hidden_states.dtype)
+    # The weighted sum runs in fp32 inside unpermute; the weights keep their own dtype.
+    return unpermute(out, row_map, top_k_weights).to(hidden_states.dtype)
 
 
 def _expert_mlp(
