@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,46 @@ def test_save_writes_transformers_per_expert_layout_and_loads_back(name, tmp_pat
         assert torch.equal(a, b), k
 
 
-def _ep_save_worker(rank: int, world_size: int, names: list[str], out: str) -> None:
+def _triton_permute_pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Returns ``(name, triton, torch)`` results of ``automodel.kernels`` permute/unpermute.
+
+    Needs TRITON_INTERPRET=1 before Triton is imported (Triton decides at decoration time), so it
+    runs inside this file's 2-rank launch rather than in a process of its own. Forward and the
+    gradients of ``x`` and the routing weights, on both backends, for a one-block row and for rows
+    of several 16-column blocks (the 2D grid forward and the column loop backward that rows wider
+    than 4096 take on a GPU).
+    """
+    if importlib.util.find_spec("triton") is None:
+        return []
+    from automodel.kernels.moe import _triton_permute, permute, unpermute
+
+    torch.manual_seed(2)
+    pairs = []
+    for tokens, top_k, experts, hidden, block in ((7, 3, 4, 37, 4096), (5, 2, 5, 37, 16)):
+        _triton_permute._MAX_BLOCK = block
+        x = torch.randn(tokens, hidden, requires_grad=True)
+        indices = torch.rand(tokens, experts).argsort(-1)[:, :top_k]
+        weights = torch.rand(tokens, top_k, requires_grad=True)
+        expert_scale = torch.randn(tokens * top_k, hidden)  # stands for the experts' MLPs
+        upstream = torch.randn(tokens, hidden)
+        results = {}
+        for backend in ("torch", "triton"):
+            permuted, row_map, _ = permute(x, indices, experts, backend=backend)
+            out = unpermute(permuted * expert_scale, row_map, weights, backend=backend)
+            grads = torch.autograd.grad(out, (x, weights), upstream)
+            results[backend] = (permuted, out, *grads)
+        names = ("permuted", "out", "d_x", "d_weights")
+        for name, got, want in zip(names, results["triton"], results["torch"], strict=True):
+            pairs.append((f"{name} (block {block})", got.detach(), want.detach()))
+    _triton_permute._MAX_BLOCK = 4096
+    return pairs
+
+
+def _ep_save_worker(
+    rank: int, world_size: int, names: list[str], out: str
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     out_dir = out
+    kernel_pairs = _triton_permute_pairs() if rank == 0 else []
     from torch.distributed.device_mesh import init_device_mesh
 
     from automodel.parallel.expert import apply_expert_parallel
@@ -79,12 +118,22 @@ def _ep_save_worker(rank: int, world_size: int, names: list[str], out: str) -> N
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, out.logits, atol=1e-5, rtol=1e-5)
     dist.barrier()
+    return kernel_pairs
 
 
 @pytest.mark.slow
 def test_save_from_expert_parallel_loads_in_transformers(tmp_path):
     out = tmp_path / "ep"
-    run_distributed(_ep_save_worker, world_size=2, names=list(MOE_MODELS), out=str(out))
+    env = {"TRITON_INTERPRET": "1"}  # for _triton_permute_pairs; CPU "auto" paths stay torch
+    results = run_distributed(
+        _ep_save_worker, world_size=2, names=list(MOE_MODELS), out=str(out), env=env
+    )
+    if importlib.util.find_spec("triton") is not None:
+        assert results[0], "the Triton permute/unpermute check returned nothing"
+        for name, got, want in results[0]:
+            torch.testing.assert_close(
+                got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            )
     ids = torch.randint(6, 384, (2, 16), generator=torch.Generator().manual_seed(0))
     for name in MOE_MODELS:
         reference = build_tiny_model(name)
