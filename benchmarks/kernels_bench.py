@@ -88,6 +88,8 @@ def _apply_tuning(op: str, impl: str) -> None:
         from automodel.kernels._triton.norm import BWD_TUNING as tuning
     elif op == "rope":
         from automodel.kernels._triton.rope import TUNING as tuning
+    elif op == "swiglu":
+        from automodel.kernels._triton.activations import TUNING as tuning
     else:
         raise ValueError(f"variant {impl!r}: op {op!r} has no launch tuning to sweep")
     for item in impl.split("@", 1)[1].split("+"):
@@ -443,6 +445,9 @@ def main() -> None:
     parser.add_argument(
         "--sweep", default="", help="extra op:impl variants, e.g. rope:automodel@num_warps=8"
     )
+    parser.add_argument(
+        "--variants", default="", help="explicit op:shape:impl list (overrides the others)"
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant")
     parser.add_argument("--child", nargs=3, metavar=("OP", "SHAPE", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -455,6 +460,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep = [entry for entry in args.sweep.split(",") if entry]
     variants = _variants(args.ops.split(","), args.shapes.split(","), args.impls.split(","), sweep)
+    if args.variants:  # an explicit list, run in its order
+        variants = [tuple(entry.split(":", 2)) for entry in args.variants.split(",")]  # type: ignore[misc]
     results = []
     for variant in variants:
         result = _run_variant(variant, out_dir, args.timeout)

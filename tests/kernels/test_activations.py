@@ -68,8 +68,22 @@ def test_triton_gated_activations_match_reference(triton_interpreter, assert_pai
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("op", "kwargs"), [(swiglu, {}), (geglu, {"approximate": "tanh"})])
-def test_gpu_triton_gated_activations_bf16(assert_rel_close, op, kwargs: dict) -> None:
+@pytest.mark.parametrize(
+    ("op", "kwargs", "tuning"),
+    [
+        (swiglu, {}, {}),
+        (geglu, {"approximate": "tanh"}, {}),
+        # the launch geometry benchmarks/kernels_bench.py sweeps
+        (swiglu, {}, {"block": 2048, "num_warps": 8}),
+    ],
+)
+def test_gpu_triton_gated_activations_bf16(
+    assert_rel_close, op, kwargs: dict, tuning: dict, monkeypatch
+) -> None:
+    from automodel.kernels._triton.activations import TUNING
+
+    for key, value in tuning.items():
+        monkeypatch.setitem(TUNING, key, value)
     gate = torch.randn(4, 2048, 14336, device="cuda") * 2
     up = torch.randn_like(gate)
     upstream = torch.randn_like(gate)

@@ -96,9 +96,25 @@ def test_triton_norms_match_reference(triton_interpreter, assert_pairs_close) ->
     assert_pairs_close(triton_interpreter(_triton_norm_worker), rtol=1e-5, atol=1e-5)
 
 
+# The default backward geometry and the ones benchmarks/kernels_bench.py sweeps.
+GPU_TUNINGS = [
+    {},
+    {"num_stages": 2},
+    {"programs_per_sm": 1, "rows_per_step": 2, "num_stages": 2},
+    {"programs_per_sm": 4, "rows_per_step": 1, "num_warps": 8},
+]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "tuning", GPU_TUNINGS, ids=lambda t: "+".join(f"{k}={v}" for k, v in t.items()) or "default"
+)
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_gpu_triton_norms_bf16(assert_rel_close, offset: float) -> None:
+def test_gpu_triton_norms_bf16(assert_rel_close, offset: float, tuning: dict, monkeypatch) -> None:
+    from automodel.kernels._triton.norm import BWD_TUNING
+
+    for key, value in tuning.items():
+        monkeypatch.setitem(BWD_TUNING, key, value)
     x = torch.randn(4, 2048, 4096, device="cuda")
     residual = torch.randn_like(x)
     weight = torch.rand(4096, device="cuda") + 0.5

@@ -180,7 +180,11 @@ def test_triton_apply_rotary_matches_reference(triton_interpreter, assert_pairs_
 
 
 @pytest.mark.gpu
-def test_gpu_triton_apply_rotary_bf16(assert_rel_close) -> None:
+@pytest.mark.parametrize("num_warps", [4, 8])  # the launch geometries kernels_bench.py sweeps
+def test_gpu_triton_apply_rotary_bf16(assert_rel_close, num_warps: int, monkeypatch) -> None:
+    from automodel.kernels._triton.rope import TUNING
+
+    monkeypatch.setitem(TUNING, "num_warps", num_warps)
     batch, seq, n_q, n_k, head_dim = 2, 4096, 32, 8, 128
     inv_freq, scaling = rope_init(ROPE_PARAMETERS["llama3"], head_dim, device="cuda")
     position_ids = torch.arange(seq, device="cuda")[None].expand(batch, -1)

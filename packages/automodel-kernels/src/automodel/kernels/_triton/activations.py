@@ -8,7 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 1024
+# Elements per program and warps per program; benchmarks/kernels_bench.py sweeps them
+# (``automodel@block=2048+num_warps=8``).
+TUNING = {"block": 1024, "num_warps": 4}
 # Constants inside the kernels are literals: compiled Triton (3.2+) rejects plain module globals.
 # 0.7978845608028654 = sqrt(2 / pi), 0.7071067811865476 = 1 / sqrt(2),
 # 0.3989422804014327 = 1 / sqrt(2 pi).
@@ -65,8 +67,10 @@ class _Gated(torch.autograd.Function):
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:  # type: ignore[override]
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
-        n = gate.numel()
-        _gated_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, ACT=act, BLOCK=_BLOCK)
+        n, block = gate.numel(), TUNING["block"]
+        _gated_fwd_kernel[(triton.cdiv(n, block),)](
+            gate, up, out, n, ACT=act, BLOCK=block, num_warps=TUNING["num_warps"]
+        )
         ctx.save_for_backward(gate, up)
         ctx.act = act
         return out
@@ -76,9 +80,9 @@ class _Gated(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dy = dy.contiguous()
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        _gated_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            dy, gate, up, d_gate, d_up, n, ACT=ctx.act, BLOCK=_BLOCK
+        n, block = gate.numel(), TUNING["block"]
+        _gated_bwd_kernel[(triton.cdiv(n, block),)](
+            dy, gate, up, d_gate, d_up, n, ACT=ctx.act, BLOCK=block, num_warps=TUNING["num_warps"]
         )
         return d_gate, d_up, None
 

@@ -10,10 +10,14 @@ import triton.language as tl
 
 from automodel.kernels._triton.launch import persistent_programs, row_block, warps_for
 
-# Launch geometry of the backward kernel: programs per SM (the persistent grid), rows each program
-# handles per step, and warps per program (0: chosen from the tile size). benchmarks/kernels_bench.py
-# sweeps these (``automodel@programs_per_sm=2,rows_per_step=2``).
-BWD_TUNING = {"programs_per_sm": 4, "rows_per_step": 1, "num_warps": 0}
+# Launch geometry of the backward kernel: programs per SM (the persistent grid: each writes one fp32
+# weight-gradient partial row), rows each program handles per step, warps per program (0: from the
+# tile size) and software-pipelining stages of the row loop (0: none). benchmarks/kernels_bench.py
+# sweeps these (``automodel@programs_per_sm=1+rows_per_step=2``). On an H100 at hidden 4096, 1, 2
+# and 4 programs per SM ran the backward kernel equally fast (80 us); fewer partial rows make the
+# reduction after it cheap.
+BWD_TUNING = {"programs_per_sm": 2, "rows_per_step": 1, "num_warps": 16, "num_stages": 0}
+_REDUCE_ROWS, _REDUCE_COLS = 64, 32  # the partials' reduction: 128 programs at hidden 4096
 
 
 @triton.jit
@@ -58,6 +62,47 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _rms_norm_bwd_rows(
+    DY,
+    X,
+    RSTD,
+    DX,
+    DS,
+    first,
+    end,
+    w,
+    dw,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    stride_ds,
+    n_cols,
+    HAS_DS: tl.constexpr,
+    GEMMA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Writes dx of rows ``first .. first + BLOCK_R`` (below ``end``); returns ``dw`` plus theirs."""
+    rows = first + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < end) & (cols < n_cols)
+    dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=rows < end, other=0.0)
+    h = x.to(tl.float32) * rstd
+    if GEMMA:
+        dw += dy * h
+    else:
+        dw += dy * h.to(x.dtype).to(tl.float32)
+    g = dy * w
+    dx = rstd * (g - h * (tl.sum(g * h, axis=1)[:, None] / n_cols))
+    if HAS_DS:
+        dx += tl.load(DS + rows * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    return dw
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY,
     X,
@@ -78,8 +123,9 @@ def _rms_norm_bwd_kernel(
     GEMMA: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    """One program: ``BLOCK_R`` rows per step over its slice of rows; one weight-gradient partial."""
+    """One program: its slice of rows, ``BLOCK_R`` per step; writes one weight-gradient partial."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)[None, :]
     cmask = cols < n_cols
@@ -90,23 +136,35 @@ def _rms_norm_bwd_kernel(
     # int64 row indices: rows * stride can pass 2**31 elements.
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, n_rows)
-    for first in range(start, end, BLOCK_R):
-        rows = first + tl.arange(0, BLOCK_R)[:, None]
-        mask = (rows < end) & cmask
-        dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=rows < end, other=0.0)
-        h = x.to(tl.float32) * rstd
-        if GEMMA:
-            dw += dy * h
-        else:
-            dw += dy * h.to(x.dtype).to(tl.float32)
-        g = dy * w
-        dx = rstd * (g - h * (tl.sum(g * h, axis=1)[:, None] / n_cols))
-        if HAS_DS:
-            dx += tl.load(DS + rows * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    if NUM_STAGES > 1:
+        # Software-pipelined: the next steps' loads are in flight while this one computes.
+        for first in tl.range(start, end, BLOCK_R, num_stages=NUM_STAGES):
+            dw = _rms_norm_bwd_rows(
+                DY, X, RSTD, DX, DS, first, end, w, dw, stride_dy, stride_x, stride_dx,
+                stride_ds, n_cols, HAS_DS, GEMMA, BLOCK_R, BLOCK,
+            )  # fmt: skip
+    else:
+        for first in range(start, end, BLOCK_R):
+            dw = _rms_norm_bwd_rows(
+                DY, X, RSTD, DX, DS, first, end, w, dw, stride_dy, stride_x, stride_dx,
+                stride_ds, n_cols, HAS_DS, GEMMA, BLOCK_R, BLOCK,
+            )  # fmt: skip
     tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0)[None, :], mask=cmask)
+
+
+@triton.jit
+def _dw_reduce_kernel(
+    PARTIAL, DW, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """Sums ``BLOCK_C`` columns of the ``[n_partials, n_cols]`` fp32 partials, cast to DW's dtype."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for first in range(0, n_partials, BLOCK_P):
+        rows = first + tl.arange(0, BLOCK_P)[:, None]
+        mask = (rows < n_partials) & (cols < n_cols)
+        acc += tl.load(PARTIAL + rows * n_cols + cols, mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)[None, :]
+    tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=cols < n_cols)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -190,9 +248,17 @@ def _backward(
         GEMMA=offset != 0.0,
         BLOCK_R=rows_per_step,
         BLOCK=block,
+        NUM_STAGES=BWD_TUNING["num_stages"],
         num_warps=BWD_TUNING["num_warps"] or warps_for(block * rows_per_step),
     )
-    dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None
+    if not need_dw:
+        return dx, None
+    # One small kernel sums the partials and casts (torch's column sum of [programs, hidden] took
+    # 18 us at 528 x 4096 on an H100, more than a tenth of the whole fwd + bwd).
+    dw = torch.empty(n_cols, dtype=weight.dtype, device=x2.device)
+    _dw_reduce_kernel[(triton.cdiv(n_cols, _REDUCE_COLS),)](
+        dw_partial, dw, programs, n_cols, BLOCK_P=_REDUCE_ROWS, BLOCK_C=_REDUCE_COLS, num_warps=4
+    )
     return dx, dw
 
 
