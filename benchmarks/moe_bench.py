@@ -252,6 +252,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     row.update(info)
     model.train()
     row["build_s"] = time.perf_counter() - t0
+    print(f"[{variant}] built in {row['build_s']:.1f} s", flush=True)
     row["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9  # local shards under EP
     fused = device.type == "cuda" and world == 1
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
@@ -279,6 +280,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
             sync()
             if time.perf_counter() - t_step > args.budget / 4:
                 warmup = step + 1  # a slow variant: one warm-up step is enough
+        if rank == 0:  # progress in the log: where a variant that timed out spent its time
+            print(f"[{variant}] step {step} issued at {time.perf_counter() - t0:.1f} s", flush=True)
         if step >= warmup:
             steps_done += 1
             if world == 1 and time.perf_counter() > deadline:

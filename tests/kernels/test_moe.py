@@ -13,6 +13,7 @@ from automodel.kernels.moe import (
     load_balance_loss,
     permute,
     router_z_loss,
+    swiglu_packed,
     topk_route,
     unpermute,
 )
@@ -235,9 +236,33 @@ def test_permute_unpermute_round_trip_and_gradients() -> None:
     )
 
 
-# The Triton interpreter parity check of permute/unpermute (both directions, against
-# backend="torch") runs inside the 2-rank launch of tests/core/moe/test_moe_checkpoint.py
-# (`_triton_permute_pairs`): one interpreter start instead of two for the CI budget.
+# The Triton interpreter parity checks of permute/unpermute and swiglu_packed (both directions,
+# against backend="torch") run inside the 2-rank launch of tests/core/moe/test_moe_checkpoint.py
+# (`_triton_moe_pairs`): one interpreter start instead of two for the CI budget.
+
+
+def test_swiglu_packed_reference_and_bad_input() -> None:
+    gate_up = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(
+        swiglu_packed(gate_up), F.silu(gate_up[:, :6]) * gate_up[:, 6:], rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="even last dimension"):
+        swiglu_packed(torch.randn(4, 7))
+
+
+@pytest.mark.gpu
+def test_gpu_swiglu_packed_bf16_against_fp32(assert_rel_close) -> None:
+    torch.manual_seed(4)
+    gate_up32 = torch.randn(1000, 2 * 768, device="cuda") * 2
+    upstream = torch.randn(1000, 768, device="cuda")
+    got_in = gate_up32.bfloat16().requires_grad_(True)
+    want_in = gate_up32.clone().requires_grad_(True)
+    got = swiglu_packed(got_in, backend="triton")
+    want = swiglu_packed(want_in, backend="torch")
+    got.backward(upstream.bfloat16())
+    want.backward(upstream)
+    assert_rel_close(got, want, 1e-2, "swiglu_packed")
+    assert_rel_close(got_in.grad, want_in.grad, 1e-2, "d_gate_up")
 
 
 @pytest.mark.gpu

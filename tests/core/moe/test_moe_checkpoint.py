@@ -44,18 +44,25 @@ def test_save_writes_transformers_per_expert_layout_and_loads_back(name, tmp_pat
         assert torch.equal(a, b), k
 
 
-def _triton_permute_pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Returns ``(name, triton, torch)`` results of ``automodel.kernels`` permute/unpermute.
+def _triton_moe_pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Returns ``(name, triton, torch)`` results of ``automodel.kernels.moe``'s Triton kernels.
 
     Needs TRITON_INTERPRET=1 before Triton is imported (Triton decides at decoration time), so it
     runs inside this file's 2-rank launch rather than in a process of its own. Forward and the
     gradients of ``x`` and the routing weights, on both backends, for a one-block row and for rows
     of several 16-column blocks (the 2D grid forward and the column loop backward that rows wider
-    than 4096 take on a GPU).
+    than 4096 take on a GPU); then ``swiglu_packed`` and its gradient, on one block and on
+    several 16-column blocks per half.
     """
     if importlib.util.find_spec("triton") is None:
         return []
-    from automodel.kernels.moe import _triton_permute, permute, unpermute
+    from automodel.kernels.moe import (
+        _triton_gated,
+        _triton_permute,
+        permute,
+        swiglu_packed,
+        unpermute,
+    )
 
     torch.manual_seed(2)
     pairs = []
@@ -76,6 +83,17 @@ def _triton_permute_pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         for name, got, want in zip(names, results["triton"], results["torch"], strict=True):
             pairs.append((f"{name} (block {block})", got.detach(), want.detach()))
     _triton_permute._MAX_BLOCK = 4096
+    for block in (2048, 16):
+        _triton_gated._MAX_BLOCK = block
+        gate_up = (torch.randn(6, 2 * 37) * 3).requires_grad_(True)
+        upstream = torch.randn(6, 37)
+        for backend in ("triton", "torch"):
+            out = swiglu_packed(gate_up, backend=backend)
+            (grad,) = torch.autograd.grad(out, gate_up, upstream)
+            results[backend] = (out.detach(), grad)
+        for name, got, want in zip(("swiglu", "d_gate_up"), results["triton"], results["torch"]):
+            pairs.append((f"{name} (block {block})", got, want))
+    _triton_gated._MAX_BLOCK = 2048
     return pairs
 
 
@@ -83,7 +101,7 @@ def _ep_save_worker(
     rank: int, world_size: int, names: list[str], out: str
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     out_dir = out
-    kernel_pairs = _triton_permute_pairs() if rank == 0 else []
+    kernel_pairs = _triton_moe_pairs() if rank == 0 else []
     from torch.distributed.device_mesh import init_device_mesh
 
     from automodel.parallel.expert import apply_expert_parallel
@@ -124,7 +142,7 @@ def _ep_save_worker(
 @pytest.mark.slow
 def test_save_from_expert_parallel_loads_in_transformers(tmp_path):
     out = tmp_path / "ep"
-    env = {"TRITON_INTERPRET": "1"}  # for _triton_permute_pairs; CPU "auto" paths stay torch
+    env = {"TRITON_INTERPRET": "1"}  # for _triton_moe_pairs; CPU "auto" paths stay torch
     results = run_distributed(
         _ep_save_worker, world_size=2, names=list(MOE_MODELS), out=str(out), env=env
     )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from automodel.kernels import grouped_mm, permute, swiglu, unpermute
+from automodel.kernels.moe import swiglu_packed
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -69,6 +70,8 @@ def _expert_mlp(
 ) -> torch.Tensor:
     """Returns ``down_e(act(gate_e x) * up_e x)`` for ``rows`` grouped by expert (no routing weights)."""
     gate_up = grouped_mm(rows, gate_up_proj.transpose(1, 2), tokens_per_expert)
+    if lora is None and _is_silu(self.act_fn):  # one pass over the packed [N, 2I] output
+        return grouped_mm(swiglu_packed(gate_up), down_proj.transpose(1, 2), tokens_per_expert)
     gate, up = gate_up.chunk(2, dim=-1)
     if lora is not None:  # automodel.core.peft's per-expert LoRA: two more grouped GEMMs each
         if "gate" in lora.projections:

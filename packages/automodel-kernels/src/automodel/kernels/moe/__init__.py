@@ -1,5 +1,6 @@
-"""Mixture-of-experts building blocks: routing, token permutation and grouped GEMM."""
+"""Mixture-of-experts building blocks: routing, token permutation, grouped GEMM, activation."""
 
+from automodel.kernels.moe.activation import swiglu_packed
 from automodel.kernels.moe.grouped_mm import grouped_mm
 from automodel.kernels.moe.permute import permute, unpermute
 from automodel.kernels.moe.routing import load_balance_loss, router_z_loss, topk_route
@@ -9,6 +10,7 @@ __all__ = [
     "load_balance_loss",
     "permute",
     "router_z_loss",
+    "swiglu_packed",
     "topk_route",
     "unpermute",
 ]
