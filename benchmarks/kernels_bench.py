@@ -4,19 +4,24 @@ Run from the repository root on a GPU machine (packages need not be installed)::
 
     PYTHONPATH=$(ls -d packages/*/src | tr '\\n' :)tests python benchmarks/kernels_bench.py
     python benchmarks/kernels_bench.py --ops rms_norm,linear_cross_entropy --shapes 8b --impls eager,automodel
+    python benchmarks/kernels_bench.py --variants rms_norm:8b:automodel,rms_norm:8b:automodel@num_stages=2
 
 Every (op, shape, implementation) runs in its own subprocess, so a crash or an out-of-memory error in
 one never takes down the others; each writes a JSON result (and the log) to ``$OUT`` when set. The
 markdown table comes last on stdout.
 
 What is measured: forward + backward of the op on bf16 CUDA tensors at Llama-3.2-1B (8192 tokens =
-4 x 2048) and Llama-3.1-8B (8192 tokens = 1 x 8192) shapes; the time per iteration as the median of
-5 batches of 10 back-to-back iterations after warm-up (CUDA events); the peak memory one iteration
-allocates above its inputs
-(``max_memory_allocated`` after ``reset_peak_memory_stats``). For the memory-bound ops the "bytes"
-column counts the minimum HBM traffic of forward + backward (each tensor read or written once per
-pass, bf16), and "% roofline" divides the achieved bandwidth by the card's peak (H100 SXM 3.35 TB/s,
-H200 4.8 TB/s).
+4 x 2048) and Llama-3.1-8B (8192 tokens = 1 x 8192) shapes, three ways: "launched" (the median of 5
+batches of 10 back-to-back Python steps, CUDA events: host-bound for the small ops), "graph" (10
+steps captured in one CUDA graph and replayed: the kernels plus the gaps between them, no Python or
+launch overhead) and "kernels" (the sum of every kernel's own duration per step from torch.profiler,
+with the top kernels in the JSON result); the peak memory one step allocates above its inputs
+(``max_memory_allocated`` after ``reset_peak_memory_stats``). For the memory-bound ops "MB moved"
+counts the HBM traffic of forward + backward (each tensor read or written once per pass, bf16, plus
+the fp32 weight-gradient partials the norms write and read back), and "% roofline" divides the
+achieved bandwidth (graph and kernel times) by the card's peak (H100 SXM 3.35 TB/s, H200 4.8 TB/s);
+the ``copy`` row (a plain clone) shows the practical ceiling. ``--sweep``/``--variants`` add launch
+geometries of the Triton kernels (``rms_norm:automodel@programs_per_sm=1+rows_per_step=2``).
 
 Implementations: ``eager`` is the PyTorch reference (the same math as transformers' modules; for the
 losses, ``F.cross_entropy`` on fp32-upcast logits, as transformers' loss does); ``compile`` is
