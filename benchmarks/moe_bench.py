@@ -7,9 +7,13 @@
     # check the script itself (tiny shape, CPU fp32, EP over gloo; every variant, 2 steps):
     uv run python benchmarks/moe_bench.py --smoke
 
-Variants, each in its own subprocess with its own timeout (``--timeout``, default 150 s; a crash,
-OOM or hang in one does not stop the others). Every model is built directly on its device
-(``with torch.device("cuda")``: random init on the GPU, in bf16), never on the CPU first:
+Variants, each in its own subprocess with its own timeout (``--timeout``, default 150 s, plus
+whatever the variants before it left unused; a crash, OOM or hang in one does not stop the
+others). NeMo's process starts with the first variant and imports (minutes of start-up) while the
+others run; it builds and measures only at its turn, alone on the GPU. Every model is built
+directly on its device (``with torch.device("cuda")``: random init on the GPU, in bf16), never on
+the CPU first. ``--profile`` adds, per 1-GPU variant, the phase times, the host syncs and a
+``torch.profiler`` kernel table of one more step (``<variant>.json.profile.txt``):
 
 - ``automodel``: ``automodel.core.AutoModelForCausalLM.from_config(config, dtype=bf16)``: the
   kernel-patched transformers class, its experts run as grouped GEMMs (``torch._grouped_mm``).
@@ -393,6 +397,8 @@ def _profile(loss_fn: Any, optim: Any, variant: str, args: argparse.Namespace) -
 
 def _child(args: argparse.Namespace) -> None:
     result = Path(args.result)
+    if args.go_file:
+        _wait_for_go(args.variant, args.go_file)
     try:
         row = run_variant(args.variant, args)
     except _Skip as exc:
@@ -441,7 +447,7 @@ def _command(variant: str, args: argparse.Namespace, result: Path, port: int) ->
     return [*launcher, *script]
 
 
-def _run_with_timeout(cmd: list[str], log: Any, timeout: int, env: dict[str, str]) -> int | str:
+def _run_with_timeout(cmd: list[str], log: Any, timeout: float, env: dict[str, str]) -> int | str:
     """Returns the exit code of ``cmd``, or a note after killing its whole process group."""
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -451,7 +457,7 @@ def _run_with_timeout(cmd: list[str], log: Any, timeout: int, env: dict[str, str
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too: they hold the GPUs
         proc.wait()
-        return f"timeout after {timeout} s"
+        return f"timeout after {timeout:.0f} s"
 
 
 def _cell(row: dict[str, Any]) -> str:
@@ -491,6 +497,78 @@ def _ratios(rows: list[dict[str, Any]]) -> str:
     return "automodel " + "; ".join(parts) + "." if parts else "no peer ran: no ratios."
 
 
+PRESTART = ("nemo",)  # variants whose process starts early (slow imports), gated by a go-file
+
+
+def _skip_reason(
+    variant: str, args: argparse.Namespace, gpus: int, rows: list[dict[str, Any]]
+) -> str | None:
+    """Returns why ``variant`` cannot run here (the row's note), or None when it can."""
+    if variant in EP_SIZES and not args.smoke and gpus < EP_SIZES[variant]:
+        return f"{gpus} GPU(s) visible"
+    if variant in EP_SIZES and args.smoke and EP_SIZES[variant] > 2:
+        return "smoke runs ep2 only (2 CPU ranks)"
+    shipped = next((r for r in rows if r["variant"] == "transformers" and "tokens_s" in r), None)
+    loop_default = shipped is not None and shipped.get("experts_implementation") in (None, "eager")
+    if variant == "transformers_eager_loop" and loop_default:
+        return "the transformers row already runs the eager loop (its default)"
+    return None
+
+
+class _Prestarted:
+    """A variant's process started ahead of its turn: it imports, then waits for a go-file."""
+
+    def __init__(self, variant: str, args: argparse.Namespace, logs: Path) -> None:
+        self.variant = variant
+        self.go_file = logs / f"{variant}.go"
+        self.go_file.unlink(missing_ok=True)
+        result = logs / f"{variant}.json"
+        result.unlink(missing_ok=True)
+        cmd = [*_command(variant, args, result, port=29590), f"--go-file={self.go_file}"]
+        self.log = open(logs / f"{variant}.log", "w")  # noqa: SIM115 (closed in go/kill)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=_child_env(variant),
+            start_new_session=True,
+        )
+
+    def go(self, timeout: float) -> int | str:
+        """Returns the exit code once the process ran its turn, or a note after killing it."""
+        self.go_file.touch()
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return f"timeout after {timeout:.0f} s (imports ran before its turn)"
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+def _wait_for_go(variant: str, go_file: str) -> None:
+    """Imports what ``variant`` needs, then blocks until ``go_file`` exists (its turn)."""
+    t0 = time.perf_counter()
+    if variant == "nemo":
+        try:
+            import nemo_automodel  # noqa: F401
+        except Exception as exc:  # reported by _build, which imports it again
+            print(f"[{variant}] import failed: {exc}", flush=True)
+    print(
+        f"[{variant}] imported in {time.perf_counter() - t0:.1f} s; waiting for its turn",
+        flush=True,
+    )
+    while not Path(go_file).exists():
+        time.sleep(0.2)
+    print(f"[{variant}] its turn after {time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, help="run only this one, in-process")
@@ -515,6 +593,7 @@ def main() -> None:
         "kernel table (<variant>.json.profile.txt in the log folder); needs CUDA",
     )
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--go-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = (2, 32, 1, 1, 2, 60.0) if args.smoke else (8, 4096, 1, 3, 8, 60.0)
     names = ("layers", "seq", "batch", "warmup", "steps", "budget")
@@ -532,38 +611,40 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     gpus = _visible_gpus()
     rows: list[dict[str, Any]] = []
-    for i, variant in enumerate(v for v in args.variants.split(",") if v):
-        if variant in EP_SIZES and not args.smoke and gpus < EP_SIZES[variant]:
-            rows.append({"variant": variant, "skipped": f"{gpus} GPU(s) visible"})
-            continue
-        if variant in EP_SIZES and args.smoke and EP_SIZES[variant] > 2:
-            rows.append({"variant": variant, "skipped": "smoke runs ep2 only (2 CPU ranks)"})
-            continue
-        shipped = next(
-            (r for r in rows if r["variant"] == "transformers" and "tokens_s" in r), None
-        )
-        loop_default = shipped is not None and shipped.get("experts_implementation") in (
-            None,
-            "eager",
-        )
-        if variant == "transformers_eager_loop" and loop_default:
-            note = "the transformers row already runs the eager loop (its default)"
-            rows.append({"variant": variant, "skipped": note})
-            continue
-        result = logs / f"{variant}.json"
-        result.unlink(missing_ok=True)
-        cmd = _command(variant, args, result, port=29600 + i)
-        log = logs / f"{variant}.log"
-        print(f"[moe_bench] {variant} ...", flush=True)
-        with open(log, "w") as fh:
-            code = _run_with_timeout(cmd, fh, args.timeout, _child_env(variant))
-        if result.exists():
-            row = json.loads(result.read_text())
-        else:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-            row = {"variant": variant, "error": f"exit {code}: {tail[0][:160]}"}
-        rows.append(row)
-        print(f"[moe_bench] {variant}: {json.dumps(row)}", flush=True)
+    variants = [v for v in args.variants.split(",") if v]
+    # NeMo's import and kernel-backend start-up take minutes: its process starts now, imports
+    # while the other variants run, and builds its model only when its turn comes.
+    early = {v: _Prestarted(v, args, logs) for v in variants if v in PRESTART and len(variants) > 1}
+    spare = 0.0  # seconds a variant left unused carry over to the next ones
+    try:
+        for i, variant in enumerate(variants):
+            skip = _skip_reason(variant, args, gpus, rows)
+            if skip:
+                rows.append({"variant": variant, "skipped": skip})
+                continue
+            result = logs / f"{variant}.json"
+            log = logs / f"{variant}.log"
+            allowed = args.timeout + spare
+            print(f"[moe_bench] {variant} (up to {allowed:.0f} s) ...", flush=True)
+            started = time.monotonic()
+            if variant in early:
+                code = early.pop(variant).go(allowed)
+            else:
+                result.unlink(missing_ok=True)
+                cmd = _command(variant, args, result, port=29600 + i)
+                with open(log, "w") as fh:
+                    code = _run_with_timeout(cmd, fh, allowed, _child_env(variant))
+            spare = max(0.0, allowed - (time.monotonic() - started))
+            if result.exists():
+                row = json.loads(result.read_text())
+            else:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
+                row = {"variant": variant, "error": f"exit {code}: {tail[0][:160]}"}
+            rows.append(row)
+            print(f"[moe_bench] {variant}: {json.dumps(row)}", flush=True)
+    finally:
+        for waiting in early.values():  # a variant that never got its turn
+            waiting.kill()
 
     ran = [r for r in rows if "tokens_s" in r]
     first = [r["first_loss"] for r in ran if r["variant"] != "nemo"]  # NeMo inits differently
