@@ -11,12 +11,13 @@ import triton.language as tl
 from automodel.kernels._triton.launch import persistent_programs, row_block, warps_for
 
 # Launch geometry of the backward kernel: programs per SM (the persistent grid: each writes one fp32
-# weight-gradient partial row), rows each program handles per step, warps per program (0: from the
-# tile size) and software-pipelining stages of the row loop (0: none). benchmarks/kernels_bench.py
-# sweeps these (``automodel@programs_per_sm=1+rows_per_step=2``). On an H100 at hidden 4096, 1, 2
-# and 4 programs per SM ran the backward kernel equally fast (80 us); fewer partial rows make the
-# reduction after it cheap.
-BWD_TUNING = {"programs_per_sm": 2, "rows_per_step": 1, "num_warps": 16, "num_stages": 0}
+# weight-gradient partial row), rows each program handles per step, warps per program (0: one warp
+# per 256 elements of the tile, 4 to 16: 16 at hidden 4096) and software-pipelining stages of the
+# row loop (0: none). benchmarks/kernels_bench.py sweeps these
+# (``automodel@programs_per_sm=1+rows_per_step=2``). On an H100 at hidden 4096, 1, 2 and 4 programs
+# per SM ran the backward kernel equally fast (80 us; benchmarks/kernels_h100_2026-11-28.md); fewer
+# partial rows make the reduction after it cheap.
+BWD_TUNING = {"programs_per_sm": 2, "rows_per_step": 1, "num_warps": 0, "num_stages": 0}
 _REDUCE_ROWS, _REDUCE_COLS = 64, 32  # the partials' reduction: 128 programs at hidden 4096
 
 
@@ -249,7 +250,7 @@ def _backward(
         BLOCK_R=rows_per_step,
         BLOCK=block,
         NUM_STAGES=BWD_TUNING["num_stages"],
-        num_warps=BWD_TUNING["num_warps"] or warps_for(block * rows_per_step),
+        num_warps=BWD_TUNING["num_warps"] or min(16, max(4, block * rows_per_step // 256)),
     )
     if not need_dw:
         return dx, None
