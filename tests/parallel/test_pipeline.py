@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from parallel._gpu import GRAD_RTOL, LOSS_ATOL, gpu_world, init_nccl, run_nccl
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from automodel.parallel import ParallelConfig, build_mesh, parallelize
@@ -81,9 +81,15 @@ def _check_grads(stages: list[Any], reference: Any, step: int, where: str, devic
 
 
 def _pp_matches_single_process(
-    rank: int, world_size: int, cases: list[dict[str, Any]], device: str = "cpu"
+    rank: int,
+    world_size: int,
+    cases: list[dict[str, Any]],
+    device: str = "cpu",
+    mesh: DeviceMesh | None = None,
 ) -> tuple[dict[str, list[float]], list[str]]:
-    mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("pp",))
+    """Each case's schedule over ``mesh`` (a 1-D pp mesh; the whole world when None)."""
+    if mesh is None:
+        mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("pp",))
     losses: dict[str, list[float]] = {}
     for case in cases:
         label = (
@@ -92,7 +98,7 @@ def _pp_matches_single_process(
         reference = _model(case["name"], case["layers"], case["tied"]).to(device)
         model = copy.deepcopy(reference)
         config = ParallelConfig(
-            pp=world_size,
+            pp=mesh.size(),
             pp_schedule=case["schedule"],
             pp_virtual_stages=case["virtual"],
             pp_microbatches=case["microbatches"],
@@ -139,27 +145,22 @@ _CASES = [
 ]
 
 
-@pytest.mark.slow
-def test_pipeline_schedules_equal_single_process() -> None:
-    results = run_distributed(_pp_matches_single_process, 2, cases=_CASES, timeout=480)
-    (first, messages), (last, _) = results
-    # rank 1 holds the last stage and reports the losses, except under zbv (rank 0)
-    assert set(first) == {"llama4/zbv"}
-    assert len(last) == len(_CASES) - 1
-    assert all(len(v) == _STEPS for r in (first, last) for v in r.values())
-    # the steps train: the loss moves
-    assert all(abs(v[0] - v[-1]) > 1e-4 for v in last.values())
-    assert len(messages) == 3
-    assert "4 stages (pp * pp_virtual_stages) but the model has only 2 layers" in messages[0]
-    assert "Fix: choose pp * pp_virtual_stages <= 2" in messages[0]
-    assert "ParallelConfig.pp=4 but the mesh's pp dim has 2 ranks" in messages[1]
-    assert "needs pp_microbatches >= pp=2" in messages[2]
-
-
+# 4 ranks (the GPU test on 4 GPUs): PP x FSDP, PP x TP+SP, PP x EP (experts of a 2-layer mixtral)
 _PP_3D_CASES: dict[str, dict[str, Any]] = {
     "pp+fsdp": dict(pp=2, dp_shard=2, pp_schedule="1f1b", pp_microbatches=2),
     "pp+tp+sp": dict(
         pp=2, dp_shard=1, tp=2, sequence_parallel=True, pp_schedule="1f1b", pp_microbatches=2
+    ),
+    "pp+ep": dict(pp=2, dp_shard=2, ep=2, pp_schedule="1f1b", pp_microbatches=2, model="mixtral"),
+}
+# 8 ranks (the CPU test): PP x FSDP, PP x TP x FSDP all at once (3D) with SP, PP x EP x FSDP
+_PP_8_RANK_CASES: dict[str, dict[str, Any]] = {
+    "pp+fsdp": dict(pp=2, dp_shard=4, pp_schedule="gpipe", pp_microbatches=2),
+    "pp+tp+sp+fsdp": dict(
+        pp=2, dp_shard=2, tp=2, sequence_parallel=True, pp_schedule="1f1b", pp_microbatches=2
+    ),
+    "pp+ep+fsdp": dict(
+        pp=2, dp_shard=4, ep=2, pp_schedule="1f1b", pp_microbatches=2, model="mixtral"
     ),
 }
 
@@ -167,30 +168,83 @@ _PP_3D_CASES: dict[str, dict[str, Any]] = {
 def _pp_3d_matches_single_process(
     rank: int, world_size: int, device: str = "cpu"
 ) -> dict[str, list[float]]:
-    """PP=2 x FSDP=2 and PP=2 x TP=2 (+SP): each stage goes through ``parallelize``."""
-    return {
-        name: _pp_parallelized_matches_single_process(ParallelConfig(**kwargs), name, device)
-        for name, kwargs in _PP_3D_CASES.items()
-    }
+    """Every composed case of this world size; each stage goes through ``parallelize``."""
+    cases = _PP_8_RANK_CASES if world_size == 8 else _PP_3D_CASES
+    out = {}
+    for name, kwargs in cases.items():
+        kwargs = dict(kwargs)
+        model = kwargs.pop("model", "llama")
+        layers = 2 if model == "mixtral" else 4
+        out[name] = _pp_parallelized_matches_single_process(
+            ParallelConfig(**kwargs), name, device, model=model, layers=layers
+        )
+    return out
+
+
+def _pp_8_ranks(
+    rank: int, world_size: int
+) -> tuple[tuple[dict[str, list[float]], list[str]], dict[str, list[float]]]:
+    """One 8-rank launch: the schedules on 4 pp pairs (a share of the cases each), then 3D."""
+    pairs = init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("pairs", "pp"))
+    pair = pairs["pairs"].get_local_rank()
+    schedules = _pp_matches_single_process(
+        rank, world_size, _CASES[pair :: world_size // 2], mesh=pairs["pp"]
+    )
+    return schedules, _pp_3d_matches_single_process(rank, world_size)
+
+
+@pytest.mark.slow
+def test_pipeline_schedules_and_3d_equal_single_process() -> None:
+    # 8 gloo ranks, one launch (each rank costs seconds of imports): every schedule over pp=2 on
+    # 4 rank pairs; then pp=2 x fsdp=4, pp=2 x tp=2 x fsdp=2 with SP, pp=2 x ep=2 x fsdp=4
+    results = run_distributed(_pp_8_ranks, 8, timeout=600)
+    schedules = [r[0] for r in results]
+    # pp rank 1 (odd ranks) holds the last stage and reports the losses, except under zbv
+    first = {k: v for losses, _ in schedules[0::2] for k, v in losses.items()}
+    last = {k: v for losses, _ in schedules[1::2] for k, v in losses.items()}
+    assert set(first) == {"llama4/zbv"}
+    assert len(last) == len(_CASES) - 1
+    assert all(len(v) == _STEPS for r in (first, last) for v in r.values())
+    # the steps train: the loss moves
+    assert all(abs(v[0] - v[-1]) > 1e-4 for v in last.values())
+    messages = schedules[0][1]
+    assert len(messages) == 3
+    assert "4 stages (pp * pp_virtual_stages) but the model has only 2 layers" in messages[0]
+    assert "Fix: choose pp * pp_virtual_stages <= 2" in messages[0]
+    assert "ParallelConfig.pp=4 but the mesh's pp dim has 2 ranks" in messages[1]
+    assert "needs pp_microbatches >= pp=2" in messages[2]
+    composed = [r[1] for r in results]
+    for name in _PP_8_RANK_CASES:
+        # ranks 4-7 (pp rank 1) hold the last stage; each checked loss and grads per step
+        assert all(r[name] == [] for r in composed[:4]), name
+        assert len(composed[4][name]) == _STEPS, name
+        assert all(r[name] == composed[4][name] for r in composed[4:]), name
 
 
 def _pp_parallelized_matches_single_process(
-    config: ParallelConfig, name: str, device: str
+    config: ParallelConfig, name: str, device: str, model: str = "llama", layers: int = 4
 ) -> list[float]:
-    """Three AdamW steps of ``config`` (pp x dp x tp) against the single-process model."""
+    """Three AdamW steps of ``config`` (pp x dp x tp x ep) against the single-process model.
+
+    Each data-parallel rank takes ``pp_microbatches`` sequences of the global batch, so every
+    microbatch holds one sequence and the data-parallel ranks hold equal label counts.
+    """
     mesh = build_mesh(config, device_type=device)
     dp_mesh = mesh["dp"]
     dp = dp_mesh.size()
 
-    reference = _model("llama", 4, tied=False).to(device)
-    model = copy.deepcopy(reference)
+    reference = _model(model, layers, tied=False).to(device)
     stages, schedule = pipeline(
-        model, config, mesh, parallelize_fn=lambda stage: parallelize(stage, config, mesh)
+        copy.deepcopy(reference),
+        config,
+        mesh,
+        parallelize_fn=lambda stage: parallelize(stage, config, mesh),
     )
     plain = [n for s in stages for n, p in s.named_parameters() if not isinstance(p, DTensor)]
     assert plain == [], f"{name}: parameters left out of the mesh: {plain}"
-    # equal label counts per data-parallel rank
-    input_ids, labels = (t.to(device) for t in _batch(4, 12, mask_some=False))
+    input_ids, labels = (
+        t.to(device) for t in _batch(dp * config.pp_microbatches, 12, mask_some=False)
+    )
     dp_rank = dp_mesh.get_local_rank()
     local_ids, local_labels = input_ids.chunk(dp)[dp_rank], labels.chunk(dp)[dp_rank]
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
@@ -211,15 +265,6 @@ def _pp_parallelized_matches_single_process(
         opt.step()
         opt.zero_grad()
     return losses
-
-
-@pytest.mark.slow
-def test_pipeline_with_fsdp_and_with_tp_sp_equal_single_process() -> None:
-    results = run_distributed(_pp_3d_matches_single_process, 4, timeout=480)
-    for name in _PP_3D_CASES:
-        # ranks 2 and 3 (pp rank 1) hold the last stage
-        assert results[0][name] == [] and results[1][name] == [], name
-        assert len(results[2][name]) == _STEPS and results[2][name] == results[3][name], name
 
 
 def _bad_configs(mesh: Any) -> list[str]:
@@ -283,7 +328,7 @@ def test_pipeline_schedules_equal_single_gpu_nccl() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_pipeline_with_fsdp_and_with_tp_sp_equal_single_gpu_nccl() -> None:
+def test_pipeline_with_fsdp_tp_sp_and_ep_equal_single_gpu_nccl() -> None:
     results = run_nccl(_pp_gpu_worker, gpu_world(needs=4, prefers=4), check="3d")
     for name in _PP_3D_CASES:
         assert len(results[2][name]) == _STEPS and results[2][name] == results[3][name], name

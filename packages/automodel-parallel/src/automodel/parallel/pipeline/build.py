@@ -168,6 +168,10 @@ def _untie_across_ranks(
     if last_pp_rank == 0:
         return None
     layout.head.weight = nn.Parameter(head_weight.detach().clone())
+    if pp == 2:
+        # The pair is the pp group itself: no new group, and no collective over the whole world
+        # (so pipelines of different models may run side by side on sub-meshes).
+        return _TiedWeights([], mesh.get_group(pp_dim))
     # Every rank creates every pair's group (new_group is collective), then keeps its own.
     rows = mesh.mesh.movedim(pp_dim, -1).reshape(-1, pp)
     me = dist.get_rank()
