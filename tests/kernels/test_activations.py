@@ -63,8 +63,8 @@ def _triton_activations_worker(rank: int, world_size: int) -> list:
 
 
 @pytest.mark.slow
-def test_triton_gated_activations_match_reference(triton_interpreter, assert_pairs_close) -> None:
-    assert_pairs_close(triton_interpreter(_triton_activations_worker), rtol=1e-5, atol=1e-5)
+def test_triton_gated_activations_match_reference(triton_pairs, assert_pairs_close) -> None:
+    assert_pairs_close(triton_pairs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
