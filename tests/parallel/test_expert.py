@@ -90,18 +90,48 @@ def _ep_matches_single_process(
 
 
 def _ep_worker(rank: int, world_size: int, device: str = "cpu") -> dict[str, Any]:
-    """Every EP check of one launch: EP over all ranks, bad configs, then EP=2 inside FSDP."""
+    """Every EP check of one launch: EP over all ranks, bad configs, EP=2 inside FSDP, EP x TP."""
     worst, messages = _ep_matches_single_process(
         rank, world_size, names=["mixtral", "qwen3_moe"], device=device
     )
     ep_fsdp = _ep_fsdp_matches_single_process(rank, world_size, device=device)
-    return {"worst": worst, "messages": messages, "ep_fsdp": ep_fsdp}
+    return {"worst": worst, "messages": messages, "ep_fsdp": ep_fsdp,
+            "ep_tp": _ep_tp_matches_single_process(device)}  # fmt: skip
+
+
+# ep=2 x tp=2 on 4 ranks: attention and dense parts TP over tp, experts EP over the dp ranks
+_EP_TP_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral ep2 tp2": ("mixtral", {"dp_shard": 2, "tp": 2, "ep": 2}),
+    "qwen3_moe ep2 tp2 sp": ("qwen3_moe", {"dp_shard": 2, "tp": 2, "ep": 2,
+                                           "sequence_parallel": True}),
+}  # fmt: skip
+
+
+def _ep_tp_matches_single_process(device: str = "cpu") -> dict[str, Any]:
+    """EP x TP (+SP) through ``parallelize``: placements, then 3 AdamW steps vs one process."""
+    from parallel._equivalence import compare, reference_run
+
+    from automodel.parallel import ParallelConfig, build_mesh, parallelize
+
+    config = ParallelConfig(dp_shard=2, tp=2, ep=2)
+    mesh = build_mesh(config, device_type=device)
+    layer = parallelize(build_tiny_model("mixtral").to(device), config, mesh).model.layers[0]
+    experts = layer.mlp.experts.gate_up_proj
+    out: dict[str, Any] = {
+        "q_proj": (layer.self_attn.q_proj.weight.device_mesh.mesh_dim_names,
+                   str(layer.self_attn.q_proj.weight.placements)),
+        "experts": (experts.shape[0], experts.to_local().shape[0]),
+    }  # fmt: skip
+    for label, (name, kwargs) in _EP_TP_CASES.items():
+        out[label] = compare(name, kwargs, reference_run(name, device), device)
+    return out
 
 
 @pytest.mark.slow
-def test_expert_parallel_and_ep_inside_fsdp_equal_single_process() -> None:
+def test_expert_parallel_ep_inside_fsdp_and_ep_x_tp_equal_single_process() -> None:
     # 4 gloo ranks: ep=4 over mixtral and qwen3_moe (4 experts each), then ep=2 x fsdp=2, whose
-    # expert gradients are divided by a factor FSDP would reduce with PREMUL_SUM (not on gloo).
+    # expert gradients are divided by a factor FSDP would reduce with PREMUL_SUM (not on gloo),
+    # then ep=2 x tp=2 (mixtral) and ep=2 x tp=2 + SP (qwen3_moe) through parallelize.
     results = run_distributed(_ep_worker, 4, timeout=600)
     for r in results:
         assert set(r["worst"]) == {"mixtral", "qwen3_moe"}
@@ -115,6 +145,20 @@ def test_expert_parallel_and_ep_inside_fsdp_equal_single_process() -> None:
         # each rank checked loss (1e-5) and every full gradient against the reference per step
         assert len(r["ep_fsdp"]) == _STEPS
         assert r["ep_fsdp"] == results[0]["ep_fsdp"]
+        _check_ep_tp(r["ep_tp"], loss_atol=1e-5, grad_rtol=1e-4)
+
+
+def _check_ep_tp(r: dict[str, Any], loss_atol: float, grad_rtol: float) -> None:
+    """Asserts the EP x TP results: placements, and losses and gradients of every case."""
+    # FSDP over dp_shard=2 and TP over tp=2 for attention; 4 experts, 2 per ep rank (ep = dp)
+    # q_proj: FSDP's (strided) shard over dp, then the column shard over tp
+    dims, placements = r["q_proj"]
+    assert dims == ("dp_shard_cp", "tp") and placements.endswith(", Shard(dim=0))"), r["q_proj"]
+    assert r["experts"] == (4, 2), r["experts"]
+    for label in _EP_TP_CASES:
+        assert r[label]["missing"] == [], (label, r[label])
+        assert r[label]["loss_diff"] < loss_atol, (label, r[label])
+        assert r[label]["grad_diff"] < grad_rtol, (label, r[label])
 
 
 def _bad_configs(mesh: Any) -> list[str]:
@@ -212,8 +256,9 @@ def _ep_gpu_worker(rank: int, world_size: int) -> dict[str, Any]:
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_expert_parallel_and_ep_inside_fsdp_equal_single_gpu_nccl() -> None:
-    # 4 GPUs: ep=4, then ep=2 x fsdp=2 (NCCL's PREMUL_SUM path); 2 GPUs: ep=2 only.
+def test_expert_parallel_ep_inside_fsdp_and_ep_x_tp_equal_single_gpu_nccl() -> None:
+    # 4 GPUs: ep=4, then ep=2 x fsdp=2 (NCCL's PREMUL_SUM path), then ep=2 x tp=2 (+SP) of
+    # mixtral and qwen3_moe; 2 GPUs: ep=2 only.
     world = gpu_world()
     results = run_nccl(_ep_gpu_worker, world, timeout=120)
     for r in results:
@@ -223,3 +268,4 @@ def test_expert_parallel_and_ep_inside_fsdp_equal_single_gpu_nccl() -> None:
         assert "carries a LoRA adapter on its experts" in r["messages"][2]
         if world == 4:
             assert len(r["ep_fsdp"]) == _STEPS
+            _check_ep_tp(r["ep_tp"], loss_atol=LOSS_ATOL, grad_rtol=GRAD_RTOL)

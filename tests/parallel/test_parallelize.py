@@ -225,7 +225,6 @@ def test_automatic_plan_every_decoder_architecture() -> None:
         ("llama", {"pp": 3}, r"pp=3 is larger than the 2 layers .* use pp <= 2"),
         ("mixtral", {"ep": 3}, r"ep=3 does not divide the 4 experts of model.layers.0.mlp.experts"),
         ("llama", {"ep": 2}, r"ep=2 but LlamaForCausalLM has no MoE experts"),
-        ("mixtral", {"ep": 2, "tp": 2}, r"ep=2 together with tp=2 is not supported"),
         ("phi3", {"tp": 3}, r"tp=3 does not divide the \d+ "),
     ],
 )

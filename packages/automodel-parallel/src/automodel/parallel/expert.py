@@ -16,6 +16,17 @@ Both all-to-alls are differentiable, so expert gradients are complete on the own
 the contributions of every rank's tokens) and input gradients flow back to the sending rank. The
 router and everything outside the experts stay replicated: the ``ep`` ranks see different tokens, so
 reduce the gradients of the non-expert parameters over the data-parallel ranks as usual (FSDP does).
+
+With tensor parallelism (``parallelize`` with ``ep > 1`` and ``tp > 1``), attention and dense MLPs
+are TP (and SP) over ``tp`` while the MoE block stays outside it: its input is replicated over the
+tp group (gathered from the sequence shards under SP), and ``ep`` is carved from the data-parallel
+ranks, so each tp rank has its own ep group (the ranks sharing its tp coordinate). Every tp rank
+therefore routes and computes the same tokens: the results and expert gradients are identical
+across tp, so no reduction over tp is needed, at the cost of running the experts ``tp`` times
+(a ``tp``-fold duplicate of the MoE FLOPs and all-to-all volume; expert memory is already divided
+by ``ep``). Splitting the tokens across the tp ranks would remove that duplicate but needs the
+experts sharded over ``ep x tp`` ranks (torchtitan's ``etp=1``) to keep expert gradients complete
+without an extra all-reduce over tp.
 """
 
 from __future__ import annotations
@@ -186,11 +197,13 @@ class _ExpertParallelForward:
         flat_experts = top_k_index.reshape(-1)
         # Slots sorted by expert; a router may mark dropped slots with index E (sorted last).
         order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=num_experts + 1)[:num_experts]
+        # bincount would size its output from max() (a host sync on CUDA); scatter_add does not
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat_experts.device)
+        counts = counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))[:num_experts]
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         recv_per_source = recv_counts.view(ep, num_local)
-        # all-to-all needs its split sizes on the host: one device -> host copy for both
+        # all-to-all needs its split sizes on the host: the one device -> host sync per layer
         splits = torch.stack([counts.view(ep, num_local).sum(1), recv_per_source.sum(1)]).tolist()
         send_splits, recv_splits = splits[0], splits[1]
         num_sent = sum(send_splits)
@@ -203,7 +216,9 @@ class _ExpertParallelForward:
 
         # Received rows are grouped by source rank, then by local expert: regroup by expert.
         local_ids = torch.repeat_interleave(
-            torch.arange(num_local, device=counts.device).repeat(ep), recv_per_source.reshape(-1)
+            torch.arange(num_local, device=counts.device).repeat(ep),
+            recv_per_source.reshape(-1),
+            output_size=sum(recv_splits),  # known on the host: no second sync
         )
         by_expert = torch.argsort(local_ids, stable=True)
         expert_out = self._run_local_experts(received[by_expert], recv_per_source.sum(0))
@@ -211,9 +226,10 @@ class _ExpertParallelForward:
 
         returned = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
         weights = top_k_weights.reshape(-1)[order]
-        weighted = returned * weights[:, None]
-        out = torch.zeros_like(hidden_states)
-        return out.index_add(0, token_of_slot, weighted.to(hidden_states.dtype))
+        # Sum the k expert outputs of a token in fp32, then round once (bf16 stays accurate).
+        weighted = returned.float() * weights[:, None].float()
+        out = hidden_states.new_zeros(hidden_states.shape, dtype=torch.float32)
+        return out.index_add_(0, token_of_slot, weighted).to(hidden_states.dtype)
 
     def _run_local_experts(
         self, rows: torch.Tensor, tokens_per_expert: torch.Tensor

@@ -67,9 +67,11 @@ def apply_fsdp(
                 sharded = shard(experts, expert_dp, config.reshard_after_forward)
                 # Experts already summed their tokens over ep (all-to-all); average over all dp.
                 sharded.set_gradient_divide_factor(float(mesh["dp_cp"].size()))
-                if mesh.device_type == "cpu":
+                if mesh.device_type == "cpu" and mesh["dp_shard_mod_ep"].size() > 1:
                     # A divide factor other than the group size makes FSDP reduce with NCCL's
-                    # PREMUL_SUM, which gloo lacks: reduce with SUM and divide afterwards.
+                    # PREMUL_SUM, which gloo lacks: reduce with SUM and divide afterwards. Not
+                    # with one rank to shard over: FSDP then copies the gradient divided by the
+                    # factor and, forced to SUM, divides it a second time (torch 2.11-2.15).
                     sharded.set_force_sum_reduction_for_comms(True)
     fsdp_blocks = [
         shard(block, dp_mesh, config.reshard_after_forward and i < len(blocks) - 1)

@@ -72,11 +72,6 @@ def validate_model(
             model, config.tp, sequence_parallel=config.sequence_parallel, blocks=blocks
         )
     if config.ep > 1:
-        if config.tp > 1:
-            raise ValueError(
-                f"ep={config.ep} together with tp={config.tp} is not supported yet; use tp=1 "
-                "with expert parallelism"
-            )
         experts = _num_experts(model)
         if not experts:
             raise ValueError(

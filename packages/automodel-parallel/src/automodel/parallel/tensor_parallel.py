@@ -16,7 +16,8 @@ q/k norms (Qwen3, Gemma 3) act on ``head_dim`` of the local heads: their weights
 and their gradients are summed over tp (they are declared sharded on the heads dim). Norms return
 plain tensors, so residual adds next to them (Gemma's post-norms) never mix Tensor and DTensor.
 MoE blocks
-(router and fused 3D experts) stay replicated under tp; shard experts with ``ep`` instead.
+(router and fused 3D experts) stay replicated under tp; shard experts with ``ep`` instead (EP x TP
+composes: see ``automodel.parallel.expert``).
 
 Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) cannot give each rank its own heads
 by a column shard (q, k and v have different sizes under GQA, and the model slices the fused output
