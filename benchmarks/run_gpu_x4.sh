@@ -4,7 +4,7 @@
 #   PLAN=tests bash benchmarks/run_gpu_x4.sh    (~5 min)
 #       GPUs 0-3  `pytest -m gpu tests/parallel` (2- and 4-rank NCCL checks)
 #       GPU 3     every other GPU test, beside it (correctness only: sharing the card is harmless)
-#   PLAN=bench bash benchmarks/run_gpu_x4.sh    (~PHASE1_S + EP4_S + PHASE2_S)
+#   PLAN=bench bash benchmarks/run_gpu_x4.sh    (~PHASE1_S + EP4_S + PHASE2_S = 360 + 110 + 220 s)
 #       phase 1, side by side: GPU 0 benchmarks/core_bench.py (all peers), GPU 1 moe_bench.py
 #                single-GPU variants, GPUs 2,3 moe_bench.py ep2
 #       phase 2: GPUs 0-3 moe_bench.py ep4, then benchmarks/parallel_bench.py (4 ranks)
@@ -19,7 +19,7 @@ OUT=${OUT:-$PWD/gpu_out}
 LOGS=${LOGS:-/tmp/gpu_logs}
 PLAN=${PLAN:-tests}
 mkdir -p "$OUT" "$LOGS"
-P1=${PHASE1_S:-300} P2=${PHASE2_S:-220} EP4=${EP4_S:-110}
+P1=${PHASE1_S:-$([ "$PLAN" = bench ] && echo 360 || echo 300)} P2=${PHASE2_S:-220} EP4=${EP4_S:-110}
 OUT=$LOGS/setup bash benchmarks/run_gpu_suite.sh >"$LOGS/setup.txt" 2>&1  # unpack wheels once
 
 job() {  # job NAME GPUS SECONDS VAR=VALUE... -- STAGES...
