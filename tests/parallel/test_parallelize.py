@@ -174,6 +174,10 @@ def _architectures_worker(rank: int, world_size: int, names: list[str]) -> dict[
     }
     # EP inside FSDP is checked on 4 ranks (ep=2 x fsdp=2) in test_expert.py.
     out["loss_parallel"] = _loss_parallel_check()
+    # test_context's check of context_parallel's buffer sharding shares this launch
+    from parallel.test_context import _cm_shards_like_shard_sequence
+
+    out["context_parallel_shards"] = _cm_shards_like_shard_sequence(rank, world_size)
     dist.barrier()
     return out
 
@@ -201,6 +205,9 @@ def test_automatic_plan_every_decoder_architecture() -> None:
     results = run_distributed(
         _architectures_worker, world_size=2, timeout=900, names=DECODER_MODELS
     )
+    from parallel.test_context import CM_SHARDS_ON_2_RANKS
+
+    assert [r.pop("context_parallel_shards") for r in results] == CM_SHARDS_ON_2_RANKS
     assert results[0]["loss_parallel"]["sharded"] == "DTensor"
     placements = results[0].pop("phi3 placements")
     assert placements == {
