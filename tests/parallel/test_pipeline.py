@@ -333,6 +333,6 @@ def test_pipeline_schedules_equal_single_gpu_nccl() -> None:
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_pipeline_with_fsdp_tp_sp_and_ep_equal_single_gpu_nccl() -> None:
-    results = run_nccl(_pp_gpu_worker, gpu_world(needs=4, prefers=4), check="3d")
+    results = run_nccl(_pp_gpu_worker, gpu_world(needs=4, prefers=4), timeout=180, check="3d")
     for name in _PP_3D_CASES:
         assert len(results[2][name]) == _STEPS and results[2][name] == results[3][name], name
