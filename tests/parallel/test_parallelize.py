@@ -109,13 +109,20 @@ def _llama_worker(rank: int, world_size: int) -> dict[str, Any]:
     out["clip"] = _clip_check(rank)
     out["helpers"] = _helpers_check(rank)
     out["mesh"] = _mesh_check(rank)
+    # test_expert's checks (EP, EP inside FSDP, EP x TP) share this launch
+    from parallel.test_expert import _ep_worker
+
+    out["expert_parallel"] = _ep_worker(rank, world_size)
     dist.barrier()
     return out
 
 
 @pytest.mark.slow
-def test_llama_strategies_match_single_process() -> None:
+def test_llama_strategies_and_expert_parallel_match_single_process() -> None:
     results = run_distributed(_llama_worker, world_size=4, timeout=900)
+    from parallel.test_expert import check_ep_results
+
+    check_ep_results([r.pop("expert_parallel") for r in results])
     r = results[0]
     for name in LLAMA_CASES:
         assert r[name]["missing"] == [], name
