@@ -27,6 +27,8 @@ def main(source: str, qualname: str, tmp: str, init: str) -> None:
     try:
         result = fn(rank, world_size, **kwargs)
         torch.save(result, Path(tmp) / f"result{rank}.pt")
+        if init == "1":
+            dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         if init == "1" and dist.is_initialized():
             dist.destroy_process_group()

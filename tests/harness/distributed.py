@@ -70,6 +70,7 @@ def run_distributed(
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": "1",
+                "PYTHONFAULTHANDLER": "1",  # a segfaulting rank prints its Python stack
                 "CUDA_VISIBLE_DEVICES": "",
                 "PYTHONPATH": os.pathsep.join([str(_TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
                 **(env or {}),
@@ -100,8 +101,10 @@ def run_distributed(
             report = [f"run_distributed({fn.__qualname__}, world_size={world_size}) {failure}"]
             for rank in range(world_size):
                 text = (tmp / f"rank{rank}.log").read_text(errors="replace")
+                done = "result written" if (tmp / f"result{rank}.pt").exists() else "no result"
                 report.append(
-                    f"----- rank {rank} (exit {procs[rank].returncode}) -----\n{text[-6000:]}"
+                    f"----- rank {rank} (exit {procs[rank].returncode}, {done}) -----\n"
+                    f"{text[-6000:]}"
                 )
             raise AssertionError("\n".join(report))
         return [
