@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from automodel.kernels import moe as kernels_moe
 from automodel.recipes.config import ConfigError, MoESection
 
 _COEF_ATTR = "router_aux_loss_coef"
@@ -40,12 +41,10 @@ def router_z_loss(
     router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor | None
 ) -> torch.Tensor:
     """Returns the mean of ``logsumexp(logits)**2`` over tokens (``mask`` True) of every layer, fp32."""
-    logits = torch.cat([layer.float() for layer in router_logits], dim=0)
-    z = torch.logsumexp(logits, dim=-1).square()
-    if mask is None:
-        return z.mean()
-    keep = mask.reshape(-1).bool().repeat(len(router_logits))
-    return z[keep].sum() / keep.sum().clamp(min=1)
+    logits = torch.cat(list(router_logits), dim=0)
+    if mask is not None:  # [batch, seq] -> the rows of every layer's [batch * seq, E] logits
+        logits = logits[mask.reshape(-1).bool().repeat(len(router_logits))]
+    return kernels_moe.router_z_loss(logits)
 
 
 class RouterLosses:
