@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from automodel.core.moe.config import num_routed_experts
+
 
 def _get(config: Any, *names: str, default: Any = None) -> Any:
     for name in names:
@@ -40,7 +42,7 @@ def matmul_params_per_token(config: Any) -> int:
     kv_heads = _get(config, "num_key_value_heads", default=heads)
     head_dim = _get(config, "head_dim", default=hidden // heads)
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    experts = _get(config, "num_local_experts", "num_experts", "n_routed_experts")
+    experts = num_routed_experts(config)
     if experts:
         top_k = _get(config, "num_experts_per_tok", "moe_top_k")
         ffn = _get(config, "moe_intermediate_size", "intermediate_size")

@@ -18,23 +18,16 @@ from typing import Any
 
 import torch
 
+from automodel.core.moe import moe_load_stats, num_routed_experts
 from automodel.kernels import moe as kernels_moe
 from automodel.recipes.config import ConfigError, MoESection
 
 _COEF_ATTR = "router_aux_loss_coef"
 
 
-def _router_owner(model: Any) -> Any | None:
+def _router_owner(model: torch.nn.Module) -> torch.nn.Module | None:
     """Returns the module that holds ``router_aux_loss_coef`` (the *ForCausalLM), or None."""
-    modules = model.modules() if hasattr(model, "modules") else [model]
-    return next((m for m in modules if hasattr(m, _COEF_ATTR)), None)
-
-
-def _is_moe(config: Any) -> bool:
-    return any(
-        getattr(config, key, None)
-        for key in ("num_experts", "num_local_experts", "n_routed_experts")
-    )
+    return next((m for m in model.modules() if hasattr(m, _COEF_ATTR)), None)
 
 
 def router_z_loss(
@@ -51,12 +44,8 @@ class RouterLosses:
     """The router terms of one MoE model: forward kwargs, the term to add, the metrics to log."""
 
     def __init__(self, model: Any, aux_coef: float, z_coef: float, log_balance: bool) -> None:
-        self.model, self.aux_coef, self.z_coef, self.log_balance = (
-            model,
-            aux_coef,
-            z_coef,
-            log_balance,
-        )
+        self.model = model
+        self.aux_coef, self.z_coef, self.log_balance = aux_coef, z_coef, log_balance
         self._last: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -67,7 +56,7 @@ class RouterLosses:
             ConfigError: ``moe.*`` set for a model without experts.
         """
         config = getattr(model, "config", None)
-        if config is None or not _is_moe(config):
+        if config is None or not num_routed_experts(config):
             if section.aux_loss_coef or section.z_loss_coef:
                 raise ConfigError(
                     f"moe.aux_loss_coef/moe.z_loss_coef are set but {type(model).__name__} has no "
@@ -110,8 +99,6 @@ class RouterLosses:
         """Returns the last micro-batch's router terms and load imbalance (host sync; log steps only)."""
         out = {name: float(value) for name, value in self._last.items()}
         if self.log_balance:
-            from automodel.core.moe import moe_load_stats
-
             stats = moe_load_stats(self.model)
             if stats is not None:
                 out.update(stats.to_metrics())

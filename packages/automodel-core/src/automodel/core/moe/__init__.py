@@ -1,5 +1,6 @@
 """Mixture-of-experts support: grouped-GEMM experts for transformers' MoE blocks, load-balance stats."""
 
+from automodel.core.moe.config import num_routed_experts
 from automodel.core.moe.grouped_experts import (
     grouped_forward_matches,
     has_own_forward,
@@ -18,6 +19,7 @@ __all__ = [
     "is_experts_module",
     "moe_key_map",
     "moe_load_stats",
+    "num_routed_experts",
     "patch_moe_experts",
     "use_grouped_forward",
 ]
