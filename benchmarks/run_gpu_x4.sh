@@ -9,6 +9,11 @@
 #                single-GPU variants, GPUs 2,3 moe_bench.py ep2
 #       phase 2: GPUs 0-3 moe_bench.py ep4, then benchmarks/parallel_bench.py (4 ranks)
 #       (PARALLEL=0 skips the parallel bench)
+#   PLAN=bench2 bash benchmarks/run_gpu_x4.sh   (a 2-GPU host, ~PHASE1_S + EP2_S = 360 + 130 s)
+#       phase 1, side by side: GPU 0 the GPU tests outside kernels/MoE/parallel (TESTS_S, 150 s),
+#                then moe_bench.py automodel, transformers, transformers' per-expert loop;
+#                GPU 1 moe_bench.py nemo alone (its first step alone takes minutes)
+#       phase 2: GPUs 0,1 moe_bench.py ep2, then the 2-rank expert-parallel NCCL tests
 #
 # Each job's output lands in $LOGS (default /tmp/gpu_logs); everything is tarred to $OUT/logs.tgz
 # and the jobs' summaries are printed last. Benchmarks on different cards of one host do not
@@ -19,7 +24,7 @@ OUT=${OUT:-$PWD/gpu_out}
 LOGS=${LOGS:-/tmp/gpu_logs}
 PLAN=${PLAN:-tests}
 mkdir -p "$OUT" "$LOGS"
-P1=${PHASE1_S:-$([ "$PLAN" = bench ] && echo 360 || echo 300)} P2=${PHASE2_S:-220} EP4=${EP4_S:-110}
+P1=${PHASE1_S:-$(case $PLAN in bench*) echo 360 ;; *) echo 300 ;; esac)} P2=${PHASE2_S:-220} EP4=${EP4_S:-110}
 OUT=$LOGS/setup bash benchmarks/run_gpu_suite.sh >"$LOGS/setup.txt" 2>&1  # unpack wheels once
 
 job() {  # job NAME GPUS SECONDS VAR=VALUE... -- STAGES...
@@ -51,7 +56,19 @@ case $PLAN in
         PARALLEL_VARIANTS=${PARALLEL_VARIANTS:-fsdp,torch_fsdp2,fsdp_tp2,fsdp_pp2} -- parallel
       names="$names parallel_bench"
     fi ;;
-  *) echo "PLAN=$PLAN: expected tests or bench"; exit 2 ;;
+  bench2)
+    T=${TESTS_S:-150}
+    { job gpu_tests 0 "$T" TESTS_TIMEOUT=$((T - 5)) \
+        "GPU_TESTS=tests/core/test_gpu_parity.py tests/core/peft tests/e2e tests/recipes tests/integrations tests/ckpt" -- tests
+      job moe_bench 0 $((P1 - T)) MOE_VARIANTS=${MOE_SINGLE:-automodel,transformers,transformers_eager_loop} \
+        MOE_VARIANT_TIMEOUT=$(((P1 - T - 15) / 3)) -- moe; } &
+    job moe_nemo 1 "$P1" MOE_VARIANTS=nemo MOE_VARIANT_TIMEOUT=$((P1 - 15)) -- moe &
+    wait
+    E=${EP2_S:-130}
+    job moe_ep2 0,1 "$E" MOE_VARIANTS=ep2 MOE_VARIANT_TIMEOUT=$((E - 10)) -- moe
+    job ep_tests 0,1 100 TESTS_TIMEOUT=95 GPU_TESTS=tests/parallel/test_expert.py -- tests
+    names="gpu_tests moe_bench moe_nemo moe_ep2 ep_tests" ;;
+  *) echo "PLAN=$PLAN: expected tests, bench or bench2"; exit 2 ;;
 esac
 
 tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
