@@ -8,7 +8,7 @@ HF parameter names: checkpoints load and save with no conversion.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -95,14 +95,29 @@ class _InitMixin:
 class DecoderModelMixin(_InitMixin):
     """The base model (``model.*`` in HF checkpoints): embeddings, layers, final norm, rope.
 
-    Mixed into a family's ``PreTrainedModel`` subclass, whose ``__init__`` calls ``_build``.
+    Mixed in before a family's ``PreTrainedModel``; the family class names only its spec
+    function (``spec_of = staticmethod(llama_spec)``) and the rest is built here.
     """
+
+    # transformers' class attributes (typed Any: the family's PreTrainedModel declares them too)
+    _no_split_modules: Any = ["DecoderLayer"]  # noqa: RUF012
+    _can_record_outputs: Any = {}  # noqa: RUF012
 
     config: Any
     spec: DecoderSpec
     gradient_checkpointing: bool
     training: bool
     layers: nn.ModuleList
+
+    @staticmethod
+    def spec_of(config: Any) -> DecoderSpec:
+        """Returns the family's DecoderSpec for ``config`` (each family sets its function)."""
+        raise NotImplementedError("a DecoderModelMixin subclass sets spec_of")
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]  # the family's PreTrainedModel
+        self._build(config, self.spec_of(config))
+        self.post_init()  # type: ignore[attr-defined]
 
     def _build(self, config: Any, spec: DecoderSpec) -> None:
         self.spec = spec
@@ -209,13 +224,28 @@ class CausalLMMixin(_InitMixin):
     ``return_logits=False`` or for every call with ``model.logits_with_loss = False`` (training
     loops that only need the loss: this saves the [tokens, vocab] activation and its gradient).
     Without labels, ``logits_to_keep`` works as in transformers (``generate`` keeps only the last).
+
+    Mixed in before a family's ``PreTrainedModel``; the family class names its base model class
+    (``base_model_class = LlamaModel``).
     """
+
+    _tied_weights_keys: Any = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
+    _no_split_modules: Any = ["DecoderLayer"]  # noqa: RUF012
+    _can_record_outputs: Any = {}  # noqa: RUF012
+    base_model_class: ClassVar[type[nn.Module]]  # the family's DecoderModelMixin class
 
     config: Any
     spec: DecoderSpec
     model: Any
     lm_head: nn.Linear
     logits_with_loss: bool = True
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]  # the family's PreTrainedModel
+        self.model = self.base_model_class(config)
+        self.spec = self.model.spec
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()  # type: ignore[attr-defined]
 
     def forward(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,3 +56,32 @@ def gated_activation_name(hidden_act: str) -> str:
             f"{sorted(_ACTIVATIONS)} (load with force_hf=True to use the transformers class)"
         )
     return _ACTIVATIONS[hidden_act]
+
+
+def llama_layout_spec(
+    config: Any, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool
+) -> DecoderSpec:
+    """Returns the DecoderSpec of a Llama-layout family (Llama, Mistral, Qwen2, Qwen3).
+
+    These families differ only in their biases and q/k norms: pre-norm blocks with a plain
+    RMSNorm weight, a gated MLP, scaled dot-product attention at ``head_dim ** -0.5``, one rope,
+    no softcaps, and sliding windows only where the config sets them.
+    """
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return DecoderSpec(
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=qk_norm,
+        norm_offset=0.0,
+        sandwich_norms=False,
+        activation=gated_activation_name(config.hidden_act),
+        embed_scale=None,
+        scale_inputs_embeds=False,
+        attn_scale=head_dim**-0.5,
+        attn_softcap=None,
+        final_softcap=None,
+        layer_windows=layer_windows(config),
+        layer_rope=("default",) * config.num_hidden_layers,
+        rope_variants={"default": None},
+    )

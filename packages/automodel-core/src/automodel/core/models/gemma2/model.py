@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
 from transformers import GenerationMixin
 from transformers.models.gemma2.modeling_gemma2 import Gemma2PreTrainedModel
 
@@ -37,25 +36,10 @@ def gemma2_spec(config: Any) -> DecoderSpec:
 class Gemma2Model(DecoderModelMixin, Gemma2PreTrainedModel):
     """automodel's Gemma2 base model: HF parameter names, fused kernels."""
 
-    _no_split_modules = ["DecoderLayer"]  # noqa: RUF012
-    _can_record_outputs: dict[str, Any] = {}  # noqa: RUF012
-
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self._build(config, gemma2_spec(config))
-        self.post_init()
+    spec_of = staticmethod(gemma2_spec)
 
 
 class Gemma2ForCausalLM(CausalLMMixin, Gemma2PreTrainedModel, GenerationMixin):
     """automodel's Gemma2 causal LM: a drop-in ``Gemma2ForCausalLM`` (same names, outputs, API)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
-    _no_split_modules = ["DecoderLayer"]  # noqa: RUF012
-    _can_record_outputs: dict[str, Any] = {}  # noqa: RUF012
-
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.model = Gemma2Model(config)
-        self.spec = self.model.spec
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    base_model_class = Gemma2Model

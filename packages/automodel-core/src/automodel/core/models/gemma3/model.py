@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
 from transformers import GenerationMixin
 from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3PreTrainedModel
@@ -40,26 +39,11 @@ class Gemma3Model(DecoderModelMixin, Gemma3PreTrainedModel):
     """automodel's Gemma3 base model: HF parameter names, fused kernels."""
 
     config_class = Gemma3TextConfig
-    _no_split_modules = ["DecoderLayer"]  # noqa: RUF012
-    _can_record_outputs: dict[str, Any] = {}  # noqa: RUF012
-
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self._build(config, gemma3_spec(config))
-        self.post_init()
+    spec_of = staticmethod(gemma3_spec)
 
 
 class Gemma3ForCausalLM(CausalLMMixin, Gemma3PreTrainedModel, GenerationMixin):
     """automodel's Gemma3 causal LM: a drop-in ``Gemma3ForCausalLM`` (same names, outputs, API)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
     config_class = Gemma3TextConfig
-    _no_split_modules = ["DecoderLayer"]  # noqa: RUF012
-    _can_record_outputs: dict[str, Any] = {}  # noqa: RUF012
-
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.model = Gemma3Model(config)
-        self.spec = self.model.spec
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    base_model_class = Gemma3Model
