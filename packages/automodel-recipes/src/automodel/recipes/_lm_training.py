@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 
 from automodel.recipes._components import build_optimizer
-from automodel.recipes._fp8 import apply_fp8, check_fp8
+from automodel.recipes._fp8 import apply_fp8
 from automodel.recipes._lm_loss import CausalLMLoss
 from automodel.recipes._model_io import _load_model, load_tokenizer, sample, save_final
 from automodel.recipes._peft import apply_lora
+from automodel.recipes._run_start import start_run
 from automodel.recipes.config import RecipeConfig
 from automodel.recipes.data import (
     IGNORE_INDEX,
@@ -27,12 +28,9 @@ from automodel.recipes.data import (
     collate,
 )
 from automodel.recipes.train import (
-    MetricsLogger,
-    RunDir,
     Runtime,
     StepFunctions,
     build_scheduler,
-    setup_runtime,
     teardown_runtime,
     train,
 )
@@ -50,18 +48,7 @@ def default_loss(cfg: RecipeConfig, rt: Runtime, model: Any) -> LossFn:
 def run_causal_lm(cfg: RecipeConfig, make_loss: LossFactory = default_loss) -> Path:
     """Trains a causal LM per ``cfg`` with the loss ``make_loss`` builds; returns the output folder."""
     t = cfg.training
-    rt = setup_runtime(t.device)
-    check_fp8(cfg.fp8, rt.device)  # fail in a second, not after loading the model
-    out = RunDir(t.output_dir)
-    out.check(cfg)
-    if rt.distributed:
-        dist.barrier()
-    if rt.is_main:
-        out.prepare(cfg)
-    metrics = MetricsLogger(
-        cfg.logging, out.root, enabled=rt.is_main, config=cfg.model_dump(mode="json")
-    )
-    torch.manual_seed(t.seed)
+    rt, out, metrics = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     assert cfg.data.train is not None

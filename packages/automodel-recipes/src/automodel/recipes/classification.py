@@ -15,20 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from automodel.recipes._components import build_optimizer
-from automodel.recipes._fp8 import apply_fp8, check_fp8
+from automodel.recipes._fp8 import apply_fp8
 from automodel.recipes._model_io import _load_model, load_tokenizer, save_final
+from automodel.recipes._run_start import start_run
 from automodel.recipes.config import ConfigError, RecipeConfig
 from automodel.recipes.data import ShardedBatches, build_examples, collate
 from automodel.recipes.train import (
-    MetricsLogger,
-    RunDir,
     StepFunctions,
     build_scheduler,
-    setup_runtime,
     teardown_runtime,
     train,
 )
@@ -43,16 +40,7 @@ def run(cfg: RecipeConfig) -> Path:
     if cfg.data.packing:
         raise ConfigError("data.packing does not apply to classification; set it to false")
     t = cfg.training
-    rt = setup_runtime(t.device)
-    check_fp8(cfg.fp8, rt.device)  # fail in a second, not after loading the model
-    out = RunDir(t.output_dir)
-    out.check(cfg)
-    if rt.distributed:
-        dist.barrier()
-    if rt.is_main:
-        out.prepare(cfg)
-    metrics = MetricsLogger(cfg.logging, out.root, enabled=rt.is_main)
-    torch.manual_seed(t.seed)
+    rt, out, metrics = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     assert cfg.data.train is not None
