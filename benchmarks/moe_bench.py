@@ -56,7 +56,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ["automodel", "transformers", "nemo", "ep2", "ep4", "transformers_eager_loop"]
+VARIANTS = [
+    "automodel",
+    "automodel_syncfree",
+    "transformers",
+    "nemo",
+    "ep2",
+    "ep4",
+    "transformers_eager_loop",
+]
 EP_SIZES = {"ep2": 2, "ep4": 4}
 PEAK_TFLOPS = 989.0
 SHAPE: dict[str, Any] = dict(  # Qwen3-30B-A3B, all layers MoE
@@ -182,15 +190,78 @@ def _build(variant: str, config: Any, dtype: Any, device: Any) -> tuple[Any, dic
         parallel = ParallelConfig(dp_shard=-1, ep=EP_SIZES[variant])
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, parallel=parallel)
+    if variant == "automodel_syncfree":
+        skip_packed_check_for_own_positions(model)
     experts = [m for m in model.modules() if is_experts_module(m)]
     grouped = sum(bool(getattr(m, "_automodel_grouped", False)) for m in experts)
     info["note"] = f"{grouped}/{len(experts)} experts modules grouped by from_config"
+    if variant == "automodel_syncfree":
+        info["note"] += (
+            "; + proposed core patch (applied by this script): no packed-sequence check, so no "
+            "host sync, when the model makes its own position_ids"
+        )
     if parallel is not None:
         info["note"] = (
             f"ep={EP_SIZES[variant]} x fsdp over {EP_SIZES[variant]} GPUs; experts run by "
             f"automodel.parallel's all-to-all forward ({grouped}/{len(experts)} grouped)"
         )
     return model, info
+
+
+_OWN_POSITIONS: Any = None  # contextvars.ContextVar, created on first use
+
+
+def skip_packed_check_for_own_positions(model: Any) -> list[str]:
+    """Returns the modeling modules whose mask functions now skip a needless packed-sequence check.
+
+    A proposal for ``automodel.core.patching`` (applied here, by the ``automodel_syncfree``
+    variant, to measure it). transformers' ``create_causal_mask`` looks for packed sequences in
+    ``position_ids`` whenever there is no attention mask and no cache, with a Python ``.all()`` on
+    a CUDA tensor: one host sync at the start of every training forward. The CPU then cannot
+    queue the forward while the GPU still runs the previous optimizer step. When the caller passed
+    neither ``position_ids`` nor ``attention_mask`` nor a cache, the model builds its own
+    ``arange`` positions, which are never packed: the check's answer is known, so the mask
+    functions are called without ``position_ids`` then (the mask they build is the same: none, or
+    the plain causal one). Callers that pass packed ``position_ids`` keep the check.
+    """
+    import contextvars
+    import inspect
+    import sys
+
+    global _OWN_POSITIONS
+    if _OWN_POSITIONS is None:
+        _OWN_POSITIONS = contextvars.ContextVar("automodel_own_positions", default=False)
+    own = _OWN_POSITIONS
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    signature = inspect.signature(base.forward)
+
+    def pre_hook(module: Any, args: Any, kwargs: Any) -> None:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        module._automodel_own_positions_token = own.set(
+            all(bound.get(k) is None for k in ("position_ids", "attention_mask", "past_key_values"))
+        )
+
+    def post_hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        own.reset(module._automodel_own_positions_token)
+
+    base.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    base.register_forward_hook(post_hook, with_kwargs=True)
+    modeling = sys.modules[type(base).__module__]
+    patched = []
+    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        original = getattr(modeling, name, None)
+        if original is None or getattr(original, "_automodel_own_positions", False):
+            continue
+
+        def wrapper(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            if own.get():
+                kwargs["position_ids"] = None
+            return _original(*args, **kwargs)
+
+        wrapper._automodel_own_positions = True  # type: ignore[attr-defined]
+        setattr(modeling, name, wrapper)
+        patched.append(f"{modeling.__name__}.{name}")
+    return patched
 
 
 def _init_single_rank() -> None:
@@ -343,19 +414,25 @@ def _profile(loss_fn: Any, optim: Any, variant: str, args: argparse.Namespace) -
     from torch.autograd import DeviceType
 
     events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     events[0].record()
     loss = loss_fn()
     events[1].record()
+    saved_gib = (torch.cuda.memory_allocated() - base) / 2**30  # activations kept for backward
     loss.backward()
     events[2].record()
     optim.step()
     optim.zero_grad(set_to_none=True)
     events[3].record()
     torch.cuda.synchronize()
-    phases = {
+    phases: dict[str, float] = {
         f"{name}_ms": events[i].elapsed_time(events[i + 1])
         for i, name in enumerate(("forward", "backward", "optimizer"))
     }
+    phases["saved_activations_gib"] = saved_gib
+    phases["profiled_step_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     syncs: collections.Counter[str] = collections.Counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -475,7 +552,7 @@ def _cell(row: dict[str, Any]) -> str:
         note += (
             f"; step ms fwd {row['forward_ms']:.1f} / bwd {row['backward_ms']:.1f} / optim "
             f"{row['optimizer_ms']:.1f}, kernels {row['kernel_ms']:.1f}, "
-            f"{row['host_syncs']} host syncs"
+            f"{row['host_syncs']} host syncs, activations {row['saved_activations_gib']:.1f} GiB"
         )
     return (
         f"| {name} | {row['gpus']} | {row['tokens_s']:,.0f} | {100 * row['mfu']:.1f}% "
