@@ -96,7 +96,39 @@ def _ep_worker(rank: int, world_size: int, device: str = "cpu") -> dict[str, Any
     )
     ep_fsdp = _ep_fsdp_matches_single_process(rank, world_size, device=device)
     return {"worst": worst, "messages": messages, "ep_fsdp": ep_fsdp,
-            "ep_tp": _ep_tp_matches_single_process(device)}  # fmt: skip
+            "ep_tp": _ep_tp_matches_single_process(device),
+            "dropped": _dropped_slots_match(rank, world_size, device)}  # fmt: skip
+
+
+def _dropped_slots_match(rank: int, world_size: int, device: str = "cpu") -> dict[str, float]:
+    """Returns, per model, the largest difference of EP experts with dropped slots vs one process.
+
+    A router may mark a slot no expert takes with index ``E``: it must add nothing, on both EP
+    paths (mixtral: the all-to-all forward's own permutation; qwen3_moe: core's permute hooks).
+    The single-process reference routes those slots to expert 0 with weight 0.
+    """
+    from automodel.core.moe import patch_moe_experts
+
+    mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("ep",))
+    worst = {}
+    for name in ("mixtral", "qwen3_moe"):
+        model = build_tiny_model(name, seed=0).to(device)
+        if name == "qwen3_moe":
+            assert patch_moe_experts(model)
+        fqn, experts = find_expert_modules(model)[0]
+        reference = copy.deepcopy(experts)
+        num_experts, _, hidden = experts.gate_up_proj.shape
+        apply_expert_parallel(model, mesh)
+        gen = torch.Generator().manual_seed(2 + rank)
+        x = torch.randn(6, hidden, generator=gen).to(device)
+        index = torch.randint(0, num_experts, (6, 2), generator=gen).to(device)
+        index[::2, 1] = num_experts  # dropped
+        weights = torch.rand(6, 2, generator=gen).to(device)
+        got = model.get_submodule(fqn)(x, index, weights)
+        dropped = index == num_experts
+        expected = reference(x, index.masked_fill(dropped, 0), weights.masked_fill(dropped, 0))
+        worst[name] = float((got - expected).abs().max())
+    return worst
 
 
 # ep=2 x tp=2 on 4 ranks: attention and dense parts TP over tp, experts EP over the dp ranks
@@ -134,7 +166,8 @@ def check_ep_results(results: list[dict[str, Any]]) -> None:
     ``_ep_worker`` after its llama strategies (a launch costs each rank seconds of imports):
     ep=4 over mixtral and qwen3_moe (4 experts each), then ep=2 x fsdp=2, whose expert gradients
     are divided by a factor FSDP would reduce with PREMUL_SUM (not on gloo), then ep=2 x tp=2
-    (mixtral) and ep=2 x tp=2 + SP (qwen3_moe) through parallelize.
+    (mixtral) and ep=2 x tp=2 + SP (qwen3_moe) through parallelize, then slots a router dropped
+    (index E) on both EP paths.
     """
     for r in results:
         assert set(r["worst"]) == {"mixtral", "qwen3_moe"}
@@ -149,6 +182,8 @@ def check_ep_results(results: list[dict[str, Any]]) -> None:
         assert len(r["ep_fsdp"]) == _STEPS
         assert r["ep_fsdp"] == results[0]["ep_fsdp"]
         _check_ep_tp(r["ep_tp"], loss_atol=1e-5, grad_rtol=1e-4)
+        assert set(r["dropped"]) == {"mixtral", "qwen3_moe"}
+        assert all(diff <= 1e-6 for diff in r["dropped"].values()), r["dropped"]
 
 
 def _check_ep_tp(r: dict[str, Any], loss_atol: float, grad_rtol: float) -> None:

@@ -191,45 +191,68 @@ class _ExpertParallelForward:
     def __call__(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Returns the weighted sum of the chosen experts' outputs per token, ``[N, H]``."""
+        """Returns the weighted sum of the chosen experts' outputs per token, ``[N, H]``.
+
+        One host sync per call: the all-to-all split sizes (NCCL takes them as Python ints), read
+        in a single device -> host copy after one small all-to-all of the per-expert counts.
+        """
         num_experts, ep, num_local = self.num_experts, self.ep, self.num_local
-        top_k = top_k_index.shape[-1]
-        flat_experts = top_k_index.reshape(-1)
-        # Slots sorted by expert; a router may mark dropped slots with index E (sorted last).
-        order = torch.argsort(flat_experts, stable=True)
-        # bincount would size its output from max() (a host sync on CUDA); scatter_add does not
-        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat_experts.device)
-        counts = counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))[:num_experts]
+        permute_tokens = getattr(self.module, "permute_tokens", None)
+        unpermute_tokens = getattr(self.module, "unpermute_tokens", None)
+        fused = callable(permute_tokens) and callable(unpermute_tokens)
+        if fused:  # automodel.core's permute: a gather each way, no index_put, no atomics
+            # E + 1 groups: a router may mark dropped slots with index E; they sort last
+            rows, row_map, counts = permute_tokens(hidden_states, top_k_index, num_experts + 1)
+            counts = counts[:num_experts]
+        else:
+            flat_experts = top_k_index.reshape(-1)
+            order = torch.argsort(flat_experts, stable=True)  # slots by expert, dropped (E) last
+            # bincount would size its output from max() (a host sync on CUDA); scatter_add does not
+            counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat_experts.device)
+            counts = counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
+            counts = counts[:num_experts]
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         recv_per_source = recv_counts.view(ep, num_local)
         # all-to-all needs its split sizes on the host: the one device -> host sync per layer
         splits = torch.stack([counts.view(ep, num_local).sum(1), recv_per_source.sum(1)]).tolist()
         send_splits, recv_splits = splits[0], splits[1]
-        num_sent = sum(send_splits)
+        num_sent, num_received = sum(send_splits), sum(recv_splits)
 
-        order = order[:num_sent]
-        token_of_slot = order // top_k
-        received = _AllToAll.apply(
-            hidden_states[token_of_slot], recv_splits, send_splits, self.group
-        )
+        if fused:
+            send = rows[:num_sent]
+        else:
+            order = order[:num_sent]
+            token_of_slot = order // top_k_index.shape[-1]
+            send = hidden_states[token_of_slot]
+        received = _AllToAll.apply(send, recv_splits, send_splits, self.group)
 
         # Received rows are grouped by source rank, then by local expert: regroup by expert.
         local_ids = torch.repeat_interleave(
             torch.arange(num_local, device=counts.device).repeat(ep),
             recv_per_source.reshape(-1),
-            output_size=sum(recv_splits),  # known on the host: no second sync
+            output_size=num_received,  # known on the host: no second sync
         )
         by_expert = torch.argsort(local_ids, stable=True)
-        expert_out = self._run_local_experts(received[by_expert], recv_per_source.sum(0))
-        expert_out = expert_out[torch.argsort(by_expert)]
+        back = torch.empty_like(by_expert).scatter_(
+            0, by_expert, torch.arange(num_received, device=by_expert.device)
+        )  # the inverse permutation, without a second sort
+        grouped = _PermuteRows.apply(received, by_expert, back)
+        expert_out = self._run_local_experts(grouped, recv_per_source.sum(0))
+        expert_out = _PermuteRows.apply(expert_out, back, by_expert)
 
         returned = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
+        if fused:
+            dropped = rows.shape[0] - num_sent
+            if dropped:  # slots no expert took add nothing
+                returned = torch.cat([returned, returned.new_zeros(dropped, returned.shape[1])])
+            out: torch.Tensor = unpermute_tokens(returned, row_map, top_k_weights)
+            return out.to(hidden_states.dtype)
         weights = top_k_weights.reshape(-1)[order]
         # Sum the k expert outputs of a token in fp32, then round once (bf16 stays accurate).
         weighted = returned.float() * weights[:, None].float()
-        out = hidden_states.new_zeros(hidden_states.shape, dtype=torch.float32)
-        return out.index_add_(0, token_of_slot, weighted).to(hidden_states.dtype)
+        summed = hidden_states.new_zeros(hidden_states.shape, dtype=torch.float32)
+        return summed.index_add_(0, token_of_slot, weighted).to(hidden_states.dtype)
 
     def _run_local_experts(
         self, rows: torch.Tensor, tokens_per_expert: torch.Tensor
@@ -257,6 +280,26 @@ def _local(param: torch.Tensor | None) -> torch.Tensor:
     """Returns this rank's shard of a DTensor parameter (differentiably), else the tensor."""
     assert param is not None
     return param.to_local() if isinstance(param, DTensor) else param
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm`` whose inverse is given: the backward is a gather too.
+
+    (Plain indexing would backpropagate through ``index_put`` with accumulation: a sort and
+    atomics for what is only the inverse permutation.)
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor
+    ) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 class _AllToAll(torch.autograd.Function):

@@ -103,6 +103,31 @@ def _local_expert_mlp(
     return _expert_mlp(self, rows, tokens_per_expert, gate_up_proj, down_proj)
 
 
+def _permute_tokens(
+    self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hook ``permute_tokens`` installed on patched experts, for expert parallelism.
+
+    Returns ``(rows [T*k, H], row_map [T*k], counts [num_groups])``: the token copies grouped by
+    expert in expert order, as :func:`automodel.kernels.permute` makes them (a gather whose
+    backward is a gather-sum: no sort, no atomics). ``num_groups`` may exceed the number of
+    experts (expert parallelism counts a router's dropped slots, index ``E``, as one more group,
+    which sorts last).
+    """
+    return permute(hidden_states, top_k_index, num_groups)
+
+
+def _unpermute_tokens(
+    self: Any, rows: torch.Tensor, row_map: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The hook ``unpermute_tokens`` installed on patched experts, for expert parallelism.
+
+    Returns ``[T, H]`` in ``rows``' dtype: each token's ``k`` expert outputs (``rows`` in
+    :func:`_permute_tokens`' order) weighted and summed in fp32, in a fixed order (deterministic).
+    """
+    return unpermute(rows, row_map, top_k_weights)
+
+
 def has_own_forward(module: nn.Module) -> bool:
     """Returns True when ``module``'s forward was replaced on the instance by someone else.
 
@@ -137,6 +162,8 @@ def use_grouped_forward(module: nn.Module) -> bool:
         )
     module.forward = types.MethodType(_grouped_forward, module)  # type: ignore[method-assign]
     setattr(module, "grouped_expert_mlp", types.MethodType(_local_expert_mlp, module))  # noqa: B010
+    setattr(module, "permute_tokens", types.MethodType(_permute_tokens, module))  # noqa: B010
+    setattr(module, "unpermute_tokens", types.MethodType(_unpermute_tokens, module))  # noqa: B010
     setattr(module, "_automodel_grouped", True)  # noqa: B010
     return True
 
