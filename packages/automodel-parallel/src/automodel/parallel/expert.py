@@ -197,10 +197,12 @@ class _ExpertParallelForward:
         in a single device -> host copy after one small all-to-all of the per-expert counts.
         """
         num_experts, ep, num_local = self.num_experts, self.ep, self.num_local
-        permute_tokens = getattr(self.module, "permute_tokens", None)
-        unpermute_tokens = getattr(self.module, "unpermute_tokens", None)
+        permute_tokens: Callable[..., Any] | None = getattr(self.module, "permute_tokens", None)
+        unpermute_tokens: Callable[..., Any] | None = getattr(self.module, "unpermute_tokens", None)
         fused = callable(permute_tokens) and callable(unpermute_tokens)
-        if fused:  # automodel.core's permute: a gather each way, no index_put, no atomics
+        if (
+            permute_tokens is not None and fused
+        ):  # core's permute: gathers, no index_put, no atomics
             # E + 1 groups: a router may mark dropped slots with index E; they sort last
             rows, row_map, counts = permute_tokens(hidden_states, top_k_index, num_experts + 1)
             counts = counts[:num_experts]
@@ -242,7 +244,7 @@ class _ExpertParallelForward:
         expert_out = _PermuteRows.apply(expert_out, back, by_expert)
 
         returned = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
-        if fused:
+        if unpermute_tokens is not None and fused:
             dropped = rows.shape[0] - num_sent
             if dropped:  # slots no expert took add nothing
                 returned = torch.cat([returned, returned.new_zeros(dropped, returned.shape[1])])
