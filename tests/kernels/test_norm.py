@@ -69,9 +69,10 @@ def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Ten
     from automodel.kernels._triton.norm import BWD_TUNING
 
     pairs = []
-    # 15 rows on 4 programs (4, 4, 4, 3 rows): 2 rows per backward step leave a masked tail.
-    for offset, rows_per_step in ((0.0, 1), (1.0, 1), (0.0, 2), (1.0, 2)):
-        BWD_TUNING["rows_per_step"] = rows_per_step
+    # 15 rows on 4 programs (4, 4, 4, 3 rows): 2 rows per backward step leave a masked tail; with
+    # prefetch the step after a program's last is loaded fully masked.
+    for offset, rows_per_step, prefetch in ((0.0, 1, 1), (1.0, 1, 0), (0.0, 2, 0), (1.0, 2, 1)):
+        BWD_TUNING["rows_per_step"], BWD_TUNING["prefetch"] = rows_per_step, prefetch
         torch.manual_seed(2)
         # 40 columns: not a power of two, so the masked tail of the block is exercised.
         x = torch.randn(5, 3, 40).requires_grad_(True)
@@ -86,7 +87,7 @@ def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Ten
             results[backend] = (out, normed, summed, *grads)
         names = ("out", "normed", "summed", "dx", "dresidual", "dweight")
         for name, got, want in zip(names, results["triton"], results["torch"]):
-            label = f"offset={offset} rows_per_step={rows_per_step} {name}"
+            label = f"offset={offset} rows_per_step={rows_per_step} prefetch={prefetch} {name}"
             pairs.append((label, got.detach(), want.detach()))
     return pairs
 
@@ -96,12 +97,14 @@ def test_triton_norms_match_reference(triton_pairs, assert_pairs_close) -> None:
     assert_pairs_close(triton_pairs, rtol=1e-5, atol=1e-5)
 
 
-# The default backward geometry and the ones benchmarks/kernels_bench.py sweeps.
+# The default backward geometry (prefetching, 2 programs per SM) and the ones
+# benchmarks/kernels_bench.py sweeps.
 GPU_TUNINGS = [
     {},
-    {"num_stages": 2},
-    {"programs_per_sm": 1, "rows_per_step": 2, "num_stages": 2},
-    {"programs_per_sm": 4, "rows_per_step": 1, "num_warps": 8},
+    {"prefetch": 0},
+    {"programs_per_sm": 1},
+    {"programs_per_sm": 4, "num_warps": 8},
+    {"rows_per_step": 2},
 ]
 
 

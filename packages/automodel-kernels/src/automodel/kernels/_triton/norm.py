@@ -10,14 +10,15 @@ import triton.language as tl
 
 from automodel.kernels._triton.launch import persistent_programs, row_block, warps_for
 
-# Launch geometry of the backward kernel: programs per SM (the persistent grid: each writes one fp32
-# weight-gradient partial row), rows each program handles per step, warps per program (0: one warp
-# per 256 elements of the tile, 4 to 16: 16 at hidden 4096) and software-pipelining stages of the
-# row loop (0: none). benchmarks/kernels_bench.py sweeps these
-# (``automodel@programs_per_sm=1+rows_per_step=2``). On an H100 at hidden 4096, 1, 2 and 4 programs
-# per SM ran the backward kernel equally fast (80 us; benchmarks/kernels_h100_2026-11-28.md); fewer
-# partial rows make the reduction after it cheap.
-BWD_TUNING = {"programs_per_sm": 2, "rows_per_step": 1, "num_warps": 0, "num_stages": 0}
+# Launch geometry and structure of the backward kernel: programs per SM (the persistent grid: each
+# writes one fp32 weight-gradient partial row), rows each program handles per step, warps per
+# program (0: one warp per 256 elements of the tile, 4 to 16: 16 at hidden 4096) and ``prefetch``
+# (1: each step issues the loads of the program's next rows before it reduces and stores the
+# current ones, so a row's loads are in flight across the previous row's block-wide reduction;
+# 0: load, reduce, store, one step after the other). benchmarks/kernels_bench.py sweeps these
+# (``automodel@programs_per_sm=1+prefetch=0``). On an H100 at hidden 4096 the un-prefetched loop ran
+# at 80 us whatever the grid, warps or rows per step (benchmarks/kernels_h100_2026-11-28.md).
+BWD_TUNING = {"programs_per_sm": 2, "rows_per_step": 1, "num_warps": 0, "prefetch": 1}
 _REDUCE_ROWS, _REDUCE_COLS = 64, 32  # the partials' reduction: 128 programs at hidden 4096
 
 
@@ -63,43 +64,55 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
-def _rms_norm_bwd_rows(
-    DY,
-    X,
-    RSTD,
-    DX,
-    DS,
-    first,
-    end,
-    w,
-    dw,
-    stride_dy,
-    stride_x,
-    stride_dx,
-    stride_ds,
-    n_cols,
-    HAS_DS: tl.constexpr,
-    GEMMA: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Writes dx of rows ``first .. first + BLOCK_R`` (below ``end``); returns ``dw`` plus theirs."""
+def _rms_norm_bwd_load(
+    DY, X, RSTD, DS, first, end, stride_dy, stride_x, stride_ds, n_cols,
+    HAS_DS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Returns ``(dy, x, rstd, ds)`` of rows ``first .. first + BLOCK_R`` below ``end`` (0 past it).
+
+    Every tensor here is read exactly once: ``evict_first`` keeps the stream from pushing other
+    lines out of L2. ``ds`` is ``dy`` again when there is no summed-stream gradient (never used).
+    """
     rows = first + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < end) & (cols < n_cols)
-    dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
+    dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_first")
     rstd = tl.load(RSTD + rows, mask=rows < end, other=0.0)
+    if HAS_DS:
+        ds = tl.load(
+            DS + rows * stride_ds + cols, mask=mask, other=0.0, eviction_policy="evict_first"
+        )
+    else:
+        ds = dy
+    return dy, x, rstd, ds
+
+
+@triton.jit
+def _rms_norm_bwd_store(
+    dy, x, rstd, ds, DX, first, end, w, dw, stride_dx, n_cols,
+    HAS_DS: tl.constexpr, GEMMA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Writes dx of the loaded rows ``first .. first + BLOCK_R``; returns ``dw`` plus theirs."""
+    rows = first + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < end) & (cols < n_cols)
+    dyf = dy.to(tl.float32)
     h = x.to(tl.float32) * rstd
     if GEMMA:
-        dw += dy * h
+        dw += dyf * h
     else:
-        dw += dy * h.to(x.dtype).to(tl.float32)
-    g = dy * w
+        dw += dyf * h.to(x.dtype).to(tl.float32)
+    g = dyf * w
     dx = rstd * (g - h * (tl.sum(g * h, axis=1)[:, None] / n_cols))
     if HAS_DS:
-        dx += tl.load(DS + rows * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dx += ds.to(tl.float32)
+    tl.store(
+        DX + rows * stride_dx + cols,
+        dx.to(DX.dtype.element_ty),
+        mask=mask,
+        eviction_policy="evict_first",
+    )
     return dw
 
 
@@ -124,7 +137,7 @@ def _rms_norm_bwd_kernel(
     GEMMA: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One program: its slice of rows, ``BLOCK_R`` per step; writes one weight-gradient partial."""
     pid = tl.program_id(0)
@@ -137,18 +150,33 @@ def _rms_norm_bwd_kernel(
     # int64 row indices: rows * stride can pass 2**31 elements.
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, n_rows)
-    if NUM_STAGES > 1:
-        # Software-pipelined: the next steps' loads are in flight while this one computes.
-        for first in tl.range(start, end, BLOCK_R, num_stages=NUM_STAGES):
-            dw = _rms_norm_bwd_rows(
-                DY, X, RSTD, DX, DS, first, end, w, dw, stride_dy, stride_x, stride_dx,
-                stride_ds, n_cols, HAS_DS, GEMMA, BLOCK_R, BLOCK,
+    if PREFETCH:
+        # The next step's loads are issued before this step's reduction and store, which they
+        # cannot be reordered past: they are in flight while the block reduces (the last step's
+        # are fully masked and read nothing).
+        dy, x, rstd, ds = _rms_norm_bwd_load(
+            DY, X, RSTD, DS, start, end, stride_dy, stride_x, stride_ds, n_cols,
+            HAS_DS, BLOCK_R, BLOCK,
+        )  # fmt: skip
+        for first in range(start, end, BLOCK_R):
+            next_dy, next_x, next_rstd, next_ds = _rms_norm_bwd_load(
+                DY, X, RSTD, DS, first + BLOCK_R, end, stride_dy, stride_x, stride_ds, n_cols,
+                HAS_DS, BLOCK_R, BLOCK,
             )  # fmt: skip
+            dw = _rms_norm_bwd_store(
+                dy, x, rstd, ds, DX, first, end, w, dw, stride_dx, n_cols,
+                HAS_DS, GEMMA, BLOCK_R, BLOCK,
+            )  # fmt: skip
+            dy, x, rstd, ds = next_dy, next_x, next_rstd, next_ds
     else:
         for first in range(start, end, BLOCK_R):
-            dw = _rms_norm_bwd_rows(
-                DY, X, RSTD, DX, DS, first, end, w, dw, stride_dy, stride_x, stride_dx,
-                stride_ds, n_cols, HAS_DS, GEMMA, BLOCK_R, BLOCK,
+            dy, x, rstd, ds = _rms_norm_bwd_load(
+                DY, X, RSTD, DS, first, end, stride_dy, stride_x, stride_ds, n_cols,
+                HAS_DS, BLOCK_R, BLOCK,
+            )  # fmt: skip
+            dw = _rms_norm_bwd_store(
+                dy, x, rstd, ds, DX, first, end, w, dw, stride_dx, n_cols,
+                HAS_DS, GEMMA, BLOCK_R, BLOCK,
             )  # fmt: skip
     tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0)[None, :], mask=cmask)
 
@@ -166,6 +194,18 @@ def _dw_reduce_kernel(
         acc += tl.load(PARTIAL + rows * n_cols + cols, mask=mask, other=0.0)
     total = tl.sum(acc, axis=0)[None, :]
     tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=cols < n_cols)
+
+
+def _registers_per_thread(programs_per_sm: int, num_warps: int) -> int:
+    """Returns the register cap that lets ``programs_per_sm`` programs share one SM's registers.
+
+    The persistent grid assumes all its programs run at once; without the cap the compiler may
+    take more registers than that allows (95 per thread for add_rms_norm's prefetching backward at
+    16 warps: one program per SM fits, the second half of the grid would run as a second wave).
+    An SM has 65536 32-bit registers; a thread can address at most 255; allocation is by 8.
+    """
+    per_thread = 65536 // (programs_per_sm * num_warps * 32)
+    return max(24, min(255, per_thread - per_thread % 8))
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -229,6 +269,7 @@ def _backward(
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     block = row_block(n_cols)
     rows_per_step = BWD_TUNING["rows_per_step"]
+    num_warps = BWD_TUNING["num_warps"] or min(16, max(4, block * rows_per_step // 256))
     _rms_norm_bwd_kernel[(programs,)](
         dy2,
         x2,
@@ -249,8 +290,9 @@ def _backward(
         GEMMA=offset != 0.0,
         BLOCK_R=rows_per_step,
         BLOCK=block,
-        NUM_STAGES=BWD_TUNING["num_stages"],
-        num_warps=BWD_TUNING["num_warps"] or min(16, max(4, block * rows_per_step // 256)),
+        PREFETCH=bool(BWD_TUNING["prefetch"]),
+        num_warps=num_warps,
+        maxnreg=_registers_per_thread(BWD_TUNING["programs_per_sm"], num_warps),
     )
     if not need_dw:
         return dx, None
