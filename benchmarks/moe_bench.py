@@ -465,6 +465,10 @@ def _profile(loss_fn: Any, optim: Any, variant: str, args: argparse.Namespace) -
     ]
     for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:45]:
         lines.append(f"{e.self_device_time_total / 1e3:9.2f} {e.count:6d}  {e.key[:110]}")
+    lines.append("\n## ops by self CPU time (ms, calls): what the host spends issuing the step")
+    cpu_ops = [e for e in averages if e.device_type != DeviceType.CUDA]
+    for e in sorted(cpu_ops, key=lambda e: -e.self_cpu_time_total)[:30]:
+        lines.append(f"{e.self_cpu_time_total / 1e3:9.2f} {e.count:6d}  {e.key[:110]}")
     lines.append("\n## kernels by device time (ms, calls)")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:45]:
         lines.append(f"{e.self_device_time_total / 1e3:9.2f} {e.count:6d}  {e.key[:140]}")
@@ -562,16 +566,20 @@ def _cell(row: dict[str, Any]) -> str:
 
 def _ratios(rows: list[dict[str, Any]]) -> str:
     ran = {r["variant"]: r for r in rows if "tokens_s" in r}
-    ours = ran.get("automodel")
-    if ours is None:
-        return "automodel did not run: no ratios."
-    parts = []
-    for peer in ("nemo", "transformers", "transformers_eager_loop"):
-        if peer in ran:
-            speed = ours["tokens_s"] / ran[peer]["tokens_s"]
-            memory = ours["peak_gib"] / ran[peer]["peak_gib"] if ran[peer]["peak_gib"] else 0.0
-            parts.append(f"vs {peer}: {speed:.2f}x tokens/s at {memory:.2f}x peak memory")
-    return "automodel " + "; ".join(parts) + "." if parts else "no peer ran: no ratios."
+    sentences = []
+    for name in ("automodel", "automodel_syncfree"):
+        ours = ran.get(name)
+        if ours is None:
+            continue
+        parts = []
+        for peer in ("nemo", "transformers", "transformers_eager_loop"):
+            if peer in ran:
+                speed = ours["tokens_s"] / ran[peer]["tokens_s"]
+                memory = ours["peak_gib"] / ran[peer]["peak_gib"] if ran[peer]["peak_gib"] else 0.0
+                parts.append(f"vs {peer}: {speed:.2f}x tokens/s at {memory:.2f}x peak memory")
+        if parts:
+            sentences.append(f"{name} " + "; ".join(parts) + ".")
+    return " ".join(sentences) if sentences else "automodel or its peers did not run: no ratios."
 
 
 PRESTART = ("nemo",)  # variants whose process starts early (slow imports), gated by a go-file
