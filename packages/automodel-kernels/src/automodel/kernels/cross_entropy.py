@@ -129,6 +129,7 @@ def ce_loss_and_grad(
     group: dist.ProcessGroup | None = None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns per-token fp32 losses ``[N]`` and, if asked, their fp32 gradient w.r.t. ``logits``.
 
@@ -136,7 +137,7 @@ def ce_loss_and_grad(
     fused callers. With ``group``, ``logits`` holds the vocab slice ``[vocab_start, vocab_start +
     V_local)`` of a vocab sharded over ``group`` (``vocab_size`` in total): the max, the sum of
     exponentials, the label logit and the logit sum are all-reduced, and the gradient returned is
-    this rank's slice.
+    this rank's slice. ``lse_out`` (fp32 ``[N]``), when given, receives each row's logsumexp.
     """
     z = logits.float()
     tanh = None
@@ -153,6 +154,8 @@ def ce_loss_and_grad(
     if group is not None:
         dist.all_reduce(sum_exp, group=group)
     lse = row_max + torch.log(sum_exp)
+    if lse_out is not None:
+        lse_out.copy_(lse)
     valid = labels != ignore_index
     local = labels - vocab_start
     owned = valid & (local >= 0) & (local < v_local)
@@ -171,17 +174,66 @@ def ce_loss_and_grad(
     loss = torch.where(valid, loss, 0.0)
     if not want_grad:
         return loss, None
-    # d/dz: softmax * (1 + 2 w lse) - eps / V - (1 - eps) * onehot(y), zero at ignored tokens.
     grad = exp.div_(sum_exp[:, None])
+    _softmax_to_grad(grad, lse, tanh, valid, owned, index, label_smoothing, z_loss_weight, v_total)
+    return loss, grad
+
+
+def ce_grad_from_lse(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss_weight: float,
+    softcap: float | None,
+    vocab_start: int,
+    vocab_size: int,
+) -> torch.Tensor:
+    """Returns the fp32 ``d loss / d logits`` of a vocab slice, given each row's logsumexp.
+
+    ``logits`` ``[N, V_slice]`` holds the columns ``[vocab_start, vocab_start + V_slice)`` of a
+    ``vocab_size``-wide vocab whose full-row logsumexp (after the softcap) is ``lse`` ``[N]``: the
+    gradient of the module docstring's loss restricted to these columns, zero at ignored tokens.
+    """
+    z = logits.float()
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(z / softcap)
+        z = softcap * tanh
+    valid = labels != ignore_index
+    local = labels - vocab_start
+    owned = valid & (local >= 0) & (local < z.shape[-1])
+    index = torch.where(owned, local, 0)
+    grad = torch.exp(z - lse[:, None])
+    _softmax_to_grad(
+        grad, lse, tanh, valid, owned, index, label_smoothing, z_loss_weight, vocab_size
+    )
+    return grad
+
+
+def _softmax_to_grad(
+    grad: torch.Tensor,
+    lse: torch.Tensor,
+    tanh: torch.Tensor | None,
+    valid: torch.Tensor,
+    owned: torch.Tensor,
+    index: torch.Tensor,
+    label_smoothing: float,
+    z_loss_weight: float,
+    vocab_size: int,
+) -> None:
+    """Turns the softmax ``grad`` into ``d loss / d logits`` in place."""
+    # d/dz: softmax * (1 + 2 w lse) - eps / V - (1 - eps) * onehot(y), zero at ignored tokens.
     if z_loss_weight:
         grad.mul_((1 + 2 * z_loss_weight * lse)[:, None])
     if label_smoothing:
-        grad.sub_(label_smoothing / v_total)
+        grad.sub_(label_smoothing / vocab_size)
     grad.scatter_add_(1, index[:, None], torch.where(owned, -(1 - label_smoothing), 0.0)[:, None])
     grad.mul_(valid[:, None])
     if tanh is not None:
         grad.mul_(1 - tanh.square())
-    return loss, grad
 
 
 def _check_ce_args(

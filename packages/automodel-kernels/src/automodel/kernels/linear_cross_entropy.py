@@ -2,8 +2,20 @@
 
 The forward pass walks the tokens in chunks; each chunk's logits are computed, turned into losses
 and into their gradient, which is folded into the gradients of ``hidden``, ``weight`` and ``bias``
-at once (two matmuls), and the chunk is freed. ``backward`` only scales the stored gradients by the
-incoming gradient. Peak extra memory is one chunk of logits plus the gradients themselves.
+at once, and the chunk is freed. ``backward`` only scales the stored gradients by the incoming
+gradient. Peak extra memory is one chunk of logits plus the gradients themselves.
+
+The weight gradient is built one of two ways (``weight_grad``):
+
+- ``"chunks"``: ``grad_w += dlogits.T @ hidden`` per token chunk (three matmuls per chunk). With a
+  few hundred tokens per chunk this update is bound by reading and writing the whole ``grad_w``
+  once per chunk (1 GB per chunk at a 128k x 2048 bf16 ``lm_head``), far more than its matmul.
+- ``"vocab_blocks"``: the token chunks only produce the loss, each row's logsumexp and the hidden
+  gradient; a second pass walks the vocab in blocks of rows, recomputes every token's logits for
+  the block (in the same buffer: ``[tokens, rows]`` holds as many elements as one token chunk),
+  turns them into their gradient from the stored logsumexp, and writes the block's ``grad_w`` rows
+  once (``dlogits_block.T @ hidden``, a matmul over all tokens). One more matmul in all, but every
+  matmul of the second pass is compute-bound and ``grad_w`` is written once, never read.
 
 A ``weight`` sharded on the vocab dim (a DTensor with ``Shard(0)`` on a 1-D mesh, as tensor
 parallelism shards ``lm_head``) works too: each rank computes its vocab slice and the softmax
@@ -20,7 +32,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from automodel.kernels._backend import resolve_backend
-from automodel.kernels.cross_entropy import _check_ce_args, ce_loss_and_grad
+from automodel.kernels.cross_entropy import _check_ce_args, ce_grad_from_lse, ce_loss_and_grad
 
 __all__ = ["linear_cross_entropy"]
 
@@ -29,6 +41,9 @@ __all__ = ["linear_cross_entropy"]
 # tokens match Liger's memory but not its speed (grad_w is read and written once per chunk);
 # 512 tokens are ~1.2x faster than Liger for 0.06 GiB more.
 _CHUNK_LOGITS_BYTES = 1 << 27
+# What weight_grad="auto" picks on CUDA (on the CPU: "chunks", the reference).
+_AUTO_WEIGHT_GRAD_CUDA = "vocab_blocks"
+WEIGHT_GRADS = ("chunks", "vocab_blocks")
 
 
 def linear_cross_entropy(
@@ -43,6 +58,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    weight_grad: str = "auto",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``cross_entropy(hidden @ weight.T + bias, labels)`` without materializing the logits.
@@ -64,8 +80,13 @@ def linear_cross_entropy(
         reduction: ``"mean"`` (over label tokens) or ``"sum"``.
         chunk_size: tokens per chunk; the default keeps one chunk of logits under 128 MiB (512
             tokens of a 128k vocabulary in bf16).
+        weight_grad: how ``weight``'s gradient is built (module docstring): ``"chunks"`` (one
+            pass, accumulated per token chunk), ``"vocab_blocks"`` (a second pass over vocab
+            blocks, each row written once) or ``"auto"`` (``"vocab_blocks"`` on CUDA, ``"chunks"``
+            elsewhere). A vocab-sharded ``weight`` always uses ``"chunks"``.
         backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``; selects the
-            per-chunk loss kernel, the matmuls are cuBLAS either way.
+            loss kernels and, with ``"chunks"`` in bf16/fp16, the Triton per-chunk weight-gradient
+            update; the other matmuls are cuBLAS either way.
 
     Returns:
         ``loss`` (fp32, 0-d) and ``num_label_tokens`` (0-d int64, no host sync).
@@ -98,7 +119,14 @@ def linear_cross_entropy(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1 or None; got {chunk_size}")
+    if weight_grad != "auto" and weight_grad not in WEIGHT_GRADS:
+        raise ValueError(
+            f"linear_cross_entropy: weight_grad={weight_grad!r} is not supported; expected 'auto' "
+            f"or one of {list(WEIGHT_GRADS)}"
+        )
     choice = resolve_backend("linear_cross_entropy", backend, hidden.device)
+    if weight_grad == "auto":
+        weight_grad = _AUTO_WEIGHT_GRAD_CUDA if hidden.device.type == "cuda" else "chunks"
 
     vocab_size = weight.shape[0]
     hidden, labels = _local_replicated(hidden), _local_replicated(labels)
@@ -126,6 +154,8 @@ def linear_cross_entropy(
             "group": group,
             "vocab_start": vocab_start,
             "vocab_size": vocab_size,
+            # Vocab blocks need the whole vocab here (a sharded one takes the chunked path).
+            "vocab_blocks": weight_grad == "vocab_blocks" and group is None,
         },
     )
     return loss, count
@@ -151,8 +181,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / count.clamp(min=1) if opts["mean"] else torch.ones((), device=labels.device)
 
         grad_h = torch.empty_like(hidden) if want_h else None
+        vocab_blocks = want_w and opts["vocab_blocks"]
         # In the weight's dtype, like Liger: an fp32 accumulator would cost twice a bf16 weight.
-        grad_w = torch.zeros_like(weight) if want_w else None
+        # The vocab-block pass writes every row once: no zeros needed.
+        grad_w = (
+            (torch.empty_like if vocab_blocks else torch.zeros_like)(weight) if want_w else None
+        )
+        # The chunks accumulate into grad_w only when the vocab-block pass does not build it.
+        accumulate_w = grad_w if not vocab_blocks else None
+        # Each token's logsumexp, for the vocab-block pass.
+        lse = (
+            torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            if vocab_blocks
+            else None
+        )
         grad_b = (
             torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
             if want_b
@@ -164,7 +206,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # One logits buffer for every chunk: the allocator never holds two chunks at once.
         buffer = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
         main = torch.cuda.current_stream(hidden.device) if hidden.is_cuda else None
-        side = _side_stream(hidden.device) if main is not None and grad_w is not None else None
+        side = (
+            _side_stream(hidden.device) if main is not None and accumulate_w is not None else None
+        )
         for start in range(0, hidden.shape[0], chunk):
             if side is not None:
                 main.wait_stream(side)  # type: ignore[union-attr]  # the last chunk's grad_w read the buffer
@@ -185,20 +229,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 group=group,
                 vocab_start=opts["vocab_start"],
                 vocab_size=opts["vocab_size"],
+                lse_out=lse[start : start + h.shape[0]] if lse is not None else None,
             )
             losses[start : start + h.shape[0]] = loss
             if dlogits is None:
                 continue
-            if grad_w is not None:
-                # addmm accumulates in fp32 inside cuBLAS and rounds once per chunk. With few tokens
-                # per chunk it is bound by reading and writing grad_w, so on CUDA it runs on a side
-                # stream, beside the compute-bound grad_h matmul that reads the same chunk.
+            if accumulate_w is not None:
+                # fp32 accumulation, rounded once per chunk. With few tokens per chunk it is bound
+                # by reading and writing grad_w, so on CUDA it runs on a side stream, beside the
+                # compute-bound grad_h matmul that reads the same chunk.
                 if side is not None:
                     side.wait_stream(main)  # type: ignore[arg-type]
                     with torch.cuda.stream(side):
-                        grad_w.addmm_(dlogits.T, h)
+                        _accumulate_weight_grad(accumulate_w, dlogits, h, opts["triton"])
                 else:
-                    grad_w.addmm_(dlogits.T, h)
+                    _accumulate_weight_grad(accumulate_w, dlogits, h, opts["triton"])
             if grad_h is not None:
                 torch.matmul(dlogits, weight, out=grad_h[start : start + chunk])
             if grad_b is not None:
@@ -206,6 +251,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             del dlogits
         if side is not None:
             main.wait_stream(side)  # type: ignore[union-attr]  # before buffer and grad_w are used
+        if grad_w is not None and lse is not None:
+            _weight_grad_by_vocab_blocks(
+                grad_w, hidden, weight, bias, labels, lse, scale, buffer, opts
+            )
         del buffer
         total = losses.sum()
         if grad_h is not None and group is not None:
@@ -237,6 +286,72 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_b is not None:
             grad_b = (grad_b * grad_loss).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None
+
+
+def _accumulate_weight_grad(
+    grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, triton: bool
+) -> None:
+    """Adds ``dlogits.T @ h`` to ``grad_w`` (fp32 accumulation, rounded once)."""
+    if triton and grad_w.dtype in (torch.bfloat16, torch.float16) and _wgrad_kernel_enabled():
+        from automodel.kernels._triton.linear_cross_entropy import addmm_at_b_
+
+        addmm_at_b_(grad_w, dlogits, h)
+    else:
+        grad_w.addmm_(dlogits.T, h)
+
+
+def _wgrad_kernel_enabled() -> bool:
+    from automodel.kernels._triton.linear_cross_entropy import TUNING
+
+    return bool(TUNING["enabled"])
+
+
+def _weight_grad_by_vocab_blocks(
+    grad_w: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    buffer: torch.Tensor,
+    opts: dict[str, Any],
+) -> None:
+    """Writes ``grad_w`` block by block of vocab rows, recomputing every token's logits for each.
+
+    A block of ``rows`` vocab rows takes ``[tokens, rows]`` logits, as many elements as ``buffer``
+    (one token chunk) holds: ``logits = hidden @ weight[rows].T``, turned in place into ``scale *
+    d loss / d logits`` from each token's logsumexp ``lse``, then ``grad_w[rows] = dlogits.T @
+    hidden`` (a matmul over all tokens, written once).
+    """
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    rows = max(1, buffer.numel() // n_tokens)
+    flat = (
+        buffer.view(-1) if rows * n_tokens <= buffer.numel() else hidden.new_empty(n_tokens * rows)
+    )
+    loss_args = {
+        "ignore_index": opts["ignore_index"],
+        "label_smoothing": opts["label_smoothing"],
+        "z_loss_weight": opts["z_loss_weight"],
+        "softcap": opts["softcap"],
+        "vocab_size": vocab,
+    }
+    for first in range(0, vocab, rows):
+        w = weight[first : first + rows]
+        logits = flat[: n_tokens * w.shape[0]].view(n_tokens, w.shape[0])
+        torch.matmul(hidden, w.T, out=logits)
+        if bias is not None:
+            logits.add_(bias[first : first + rows])
+        if opts["triton"]:
+            from automodel.kernels._triton.cross_entropy import ce_grad_from_lse_triton
+
+            ce_grad_from_lse_triton(
+                logits, labels, lse, scale=scale, vocab_start=first, **loss_args
+            )
+        else:
+            grad = ce_grad_from_lse(logits, labels, lse, vocab_start=first, **loss_args)
+            logits.copy_(grad.mul_(scale))
+        torch.matmul(logits.T, hidden, out=grad_w[first : first + rows])
 
 
 @functools.cache

@@ -165,6 +165,7 @@ def _ce_fused_kernel(
     LABELS,
     SCALE,
     LOSS,
+    LSE,
     stride_row,
     n_cols,
     ignore_index,
@@ -172,6 +173,7 @@ def _ce_fused_kernel(
     label_smoothing,
     z_loss_weight,
     HAS_SOFTCAP: tl.constexpr,
+    STORE_LSE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One row: statistics, loss, then ``scale * d loss / d logits`` written over the row."""
@@ -188,6 +190,8 @@ def _ce_fused_kernel(
     loss = (1.0 - label_smoothing) * (lse - z_label) + label_smoothing * (lse - z_sum / n_cols)
     loss += z_loss_weight * lse * lse
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+    if STORE_LSE:
+        tl.store(LSE + row, lse)
     scale = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
     _write_row_grad(
         base,
@@ -392,12 +396,13 @@ def ce_loss_and_grad_triton(
     group: dist.ProcessGroup | None = None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns per-token losses and ``scale * d loss / d logits`` written over ``logits`` in place.
 
-    The same contract as ``automodel.kernels.cross_entropy.ce_loss_and_grad`` except that the
-    gradient is scaled by the 0-d ``scale`` and lands in ``logits``' own storage and dtype (the
-    caller owns that buffer: a chunk of logits computed for this call).
+    The same contract as ``automodel.kernels.cross_entropy.ce_loss_and_grad`` (``lse_out`` included)
+    except that the gradient is scaled by the 0-d ``scale`` and lands in ``logits``' own storage and
+    dtype (the caller owns that buffer: a chunk of logits computed for this call).
     """
     logits, labels = _rows(logits), labels.contiguous()
     if want_grad and group is None and logits.is_contiguous():
@@ -409,6 +414,7 @@ def ce_loss_and_grad_triton(
             labels,
             scale.to(torch.float32),
             loss,
+            lse_out if lse_out is not None else loss,
             logits.stride(0),
             logits.shape[1],
             ignore_index,
@@ -416,6 +422,7 @@ def ce_loss_and_grad_triton(
             label_smoothing,
             z_loss_weight,
             HAS_SOFTCAP=softcap is not None,
+            STORE_LSE=lse_out is not None,
             BLOCK_V=min(triton.next_power_of_2(logits.shape[1]), _FUSED_BLOCK_V),
             num_warps=_FUSED_WARPS,
         )
@@ -425,6 +432,8 @@ def ce_loss_and_grad_triton(
     loss, lse = _loss_from_stats(
         stats, labels, ignore_index, label_smoothing, z_loss_weight, group, total_vocab
     )
+    if lse_out is not None:
+        lse_out.copy_(lse)
     if not want_grad:
         return loss, None
     row_scale = scale.to(torch.float32).expand(logits.shape[0])
@@ -442,3 +451,45 @@ def ce_loss_and_grad_triton(
         total_vocab,
     )
     return loss, logits
+
+
+def ce_grad_from_lse_triton(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss_weight: float,
+    softcap: float | None,
+    vocab_start: int,
+    vocab_size: int,
+) -> torch.Tensor:
+    """Returns ``logits`` overwritten by ``scale * d loss / d logits`` of its vocab slice.
+
+    The Triton counterpart of ``automodel.kernels.cross_entropy.ce_grad_from_lse`` (rows of a
+    ``vocab_size``-wide vocab restricted to ``[vocab_start, vocab_start + V_slice)``, with their
+    full-row logsumexp ``lse``), scaled by the 0-d ``scale`` and written in place in ``logits``'
+    dtype. ``logits`` rows must have a unit last stride.
+    """
+    if logits.stride(-1) != 1:
+        raise ValueError(
+            "ce_grad_from_lse_triton: logits must have a unit last stride (it is written in "
+            "place); pass a contiguous block"
+        )
+    row_scale = scale.to(torch.float32).expand(logits.shape[0])
+    _grad(
+        logits,
+        labels.contiguous(),
+        lse,
+        row_scale,
+        logits,
+        ignore_index,
+        label_smoothing,
+        z_loss_weight,
+        softcap,
+        vocab_start,
+        vocab_size,
+    )
+    return logits
