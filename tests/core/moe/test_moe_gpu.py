@@ -115,9 +115,29 @@ def test_grouped_experts_bf16_match_fp32_loop(name):
 
 
 def test_wide_experts_take_torch_grouped_mm(monkeypatch):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(
+    config = _wide_qwen3_moe_config()
+    torch.manual_seed(0)
+    experts = _experts_of(Qwen3MoeForCausalLM(config))
+    calls: list[tuple[int, ...]] = []
+    real = torch._grouped_mm
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counting)
+    _check_experts(experts, tokens=512, top_k=config.num_experts_per_tok)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        # forward gate_up and down, backward dx and dw of each: 6 (the fp32 loop never calls it)
+        assert len(calls) >= 6, calls
+
+
+def _wide_qwen3_moe_config() -> Any:
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
         vocab_size=384,
         hidden_size=256,
         intermediate_size=512,
@@ -134,20 +154,41 @@ def test_wide_experts_take_torch_grouped_mm(monkeypatch):
         tie_word_embeddings=False,
         pad_token_id=0,
     )
+
+
+def test_grouped_experts_no_host_sync_and_ep_hooks_compose_to_forward():
+    """The patched bf16 experts' forward+backward never syncs with the host, and the hooks
+    expert parallelism runs (``permute_tokens``, ``grouped_expert_mlp``, ``unpermute_tokens``)
+    compose to exactly the module's own forward (same kernels, same order: bitwise equal)."""
+    from transformers import Qwen3MoeForCausalLM
+
     torch.manual_seed(0)
-    experts = _experts_of(Qwen3MoeForCausalLM(config))
-    calls: list[tuple[int, ...]] = []
-    real = torch._grouped_mm
+    experts = _experts_of(Qwen3MoeForCausalLM(_wide_qwen3_moe_config()))
+    experts = experts.to(device="cuda", dtype=torch.bfloat16)
+    assert patch_moe_experts(experts) == [""]
+    num_experts, _, hidden = experts.gate_up_proj.shape
+    x = torch.randn(512, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    index = torch.rand(512, num_experts, device="cuda").argsort(dim=-1)[:, :4]
+    weights = torch.rand(512, 4, device="cuda").softmax(dim=-1).bfloat16().requires_grad_()
 
-    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(tuple(args[0].shape))
-        return real(*args, **kwargs)
+    def step() -> torch.Tensor:
+        out = experts(x, index, weights)
+        out.float().square().sum().backward()
+        return out.detach()
 
-    monkeypatch.setattr(torch, "_grouped_mm", counting)
-    _check_experts(experts, tokens=512, top_k=config.num_experts_per_tok)
-    if torch.cuda.get_device_capability()[0] >= 9:
-        # forward gate_up and down, backward dx and dw of each: 6 (the fp32 loop never calls it)
-        assert len(calls) >= 6, calls
+    expected = step()  # compiles the Triton kernels outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rows, row_map, counts = experts.permute_tokens(x, index, num_experts + 1)
+    assert int(counts[-1]) == 0 and int(counts.sum()) == 512 * 4
+    out = experts.grouped_expert_mlp(
+        rows, counts[:num_experts], experts.gate_up_proj, experts.down_proj
+    )
+    assert torch.equal(experts.unpermute_tokens(out, row_map, weights), expected)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
