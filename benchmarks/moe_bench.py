@@ -245,7 +245,7 @@ def skip_packed_check_for_own_positions(model: Any) -> list[str]:
         own.reset(module._automodel_own_positions_token)
 
     base.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    base.register_forward_hook(post_hook, with_kwargs=True)
+    base.register_forward_hook(post_hook, with_kwargs=True, always_call=True)  # also on errors
     modeling = sys.modules[type(base).__module__]
     patched = []
     for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
