@@ -61,8 +61,10 @@ OPS = (
     "linear_cross_entropy",
 )
 IMPLS = ("eager", "compile", "liger", "automodel")
-# Extra automodel variants of linear_cross_entropy: tokens per chunk.
-LCE_CHUNKS = (256, 384)
+# Extra automodel variants of linear_cross_entropy, "automodel_" + "_"-joined parts: chunk<N> (tokens
+# per chunk), chunks / vocab (weight_grad "chunks" / "vocab_blocks"), addmm (the per-chunk update by
+# cuBLAS instead of the Triton kernel), bk<N> / bm<N> / stages<N> (that kernel's tile).
+LCE_CHUNKS = ("chunk256_chunks_addmm", "chunk256_chunks", "chunk256_vocab", "chunk512_chunks_addmm")
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 BF16 = 2
 
@@ -78,7 +80,7 @@ def _variants(
                 if op != "copy" or impl == "eager":  # copy: the bandwidth a plain clone reaches
                     out.append((op, shape, impl))
             if op == "linear_cross_entropy" and "automodel" in impls:
-                out += [(op, shape, f"automodel_chunk{c}") for c in LCE_CHUNKS]
+                out += [(op, shape, f"automodel_{variant}") for variant in LCE_CHUNKS]
             out += [
                 (op, shape, entry.split(":", 1)[1]) for entry in sweep if entry.startswith(f"{op}:")
             ]
@@ -233,12 +235,26 @@ def _build(op: str, s: dict[str, int], impl: str) -> tuple[Callable[[], Any], li
             def forward() -> Any:
                 return _first(loss_fn(weight, hidden, labels))
         elif impl.startswith("automodel"):
-            chunk = int(impl.removeprefix("automodel_chunk")) if "chunk" in impl else None
+            from automodel.kernels._triton.linear_cross_entropy import TUNING as lce_tuning
+
+            chunk, weight_grad = None, "auto"
+            for part in impl.split("_")[1:]:  # see LCE_CHUNKS
+                if part.startswith("chunk") and part != "chunks":
+                    chunk = int(part.removeprefix("chunk"))
+                elif part in ("chunks", "vocab"):
+                    weight_grad = "chunks" if part == "chunks" else "vocab_blocks"
+                elif part == "addmm":
+                    lce_tuning["enabled"] = 0
+                else:
+                    key = {"bk": "block_k", "bm": "block_m", "stages": "num_stages"}
+                    name = next(k for k in key if part.startswith(k))
+                    lce_tuning[key[name]] = int(part.removeprefix(name))
 
             def forward() -> Any:
                 return K.linear_cross_entropy(
-                    hidden, weight, labels, chunk_size=chunk, backend="triton"
-                )[0]
+                    hidden, weight, labels, chunk_size=chunk, weight_grad=weight_grad,
+                    backend="triton",
+                )[0]  # fmt: skip
         else:
             fn = compile_(lambda h, w, y: F.cross_entropy((h @ w.T).float(), y))
 
@@ -341,15 +357,31 @@ def _kernel_ms(step: Callable[[], None], iters: int = 5) -> tuple[float, list[li
     return sum(per_kernel.values()) / 1e3, [[name[:80], round(us, 1)] for name, us in top]
 
 
-def _child(op: str, shape: str, impl: str) -> dict[str, Any]:
+def _preload(impl: str) -> None:
+    """Imports what a variant needs before its turn (no CUDA work: the GPU may be timing another)."""
+    import torch
+
+    import automodel.kernels  # noqa: F401
+
+    if impl == "liger":
+        import liger_kernel.transformers  # noqa: F401
+    if impl == "compile":
+        import torch._inductor.compile_fx  # noqa: F401
+
+
+def _child(op: str, shape: str, impl: str, warm_only: bool = False) -> dict[str, Any]:
+    """Returns one variant's measurements (``warm_only``: only builds it and runs 3 steps)."""
     import torch
 
     torch.manual_seed(0)
     _apply_tuning(op, impl)
+    started = time.monotonic()
     step, _, n_bytes = _build(op, SHAPES[shape], impl)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if warm_only:  # fills the Triton and inductor caches the timed run then reads
+        return {"op": op, "shape": shape, "impl": impl, "warm_s": time.monotonic() - started}
     times = []
     for _ in range(5):
         # Back-to-back steps, so host-side launch latency overlaps the GPU work as in training.
@@ -379,30 +411,122 @@ def _child(op: str, shape: str, impl: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- parent process
 
 
-def _run_variant(variant: tuple[str, str, str], out_dir: Path, timeout: float) -> dict[str, Any]:
-    op, shape, impl = variant
-    name = f"{op}-{shape}-{impl}"
-    result_path = out_dir / f"{name}.json"
-    env = dict(os.environ)
-    src = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
-    env["PYTHONPATH"] = os.pathsep.join([*src, str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, __file__, "--child", op, shape, impl, "--result", str(result_path)]
-    started = time.monotonic()
-    with open(out_dir / f"{name}.log", "wb") as log:
+class _Launch:
+    """One variant's child process, started ahead of its turn (imports only until ``go`` exists)."""
+
+    def __init__(self, variant: tuple[str, str, str], out_dir: Path, warm_only: bool = False):
+        self.variant = variant
+        op, shape, impl = variant
+        self.name = f"{op}-{shape}-{impl}" + ("-warm" if warm_only else "")
+        self.result_path = out_dir / f"{self.name}.json"
+        self.log_path = out_dir / f"{self.name}.log"
+        self.go = out_dir / f"{self.name}.go"
+        env = dict(os.environ)
+        src = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
+        env["PYTHONPATH"] = os.pathsep.join([*src, str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+        cmd = [sys.executable, __file__, "--child", op, shape, impl, "--result",
+               str(self.result_path), "--go", str(self.go)]  # fmt: skip
+        if warm_only:
+            cmd.append("--warm-only")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in finish)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+
+    def start(self) -> None:
+        """Lets the child go on to the GPU work; its timeout counts from here."""
+        self.go.touch()
+        self.started = time.monotonic()
+
+    def finish(self, timeout: float) -> dict[str, Any]:
+        """Returns the child's result, or an ``error`` entry saying why there is none."""
         try:
-            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode  # fmt: skip
+            code: int | str = self.proc.wait(
+                timeout=max(1.0, timeout - (time.monotonic() - self.started))
+            )
         except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
             code = "timeout"
-    if code == 0 and result_path.exists():
-        return json.loads(result_path.read_text())
-    tail = (out_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
-    note = (
-        "liger_kernel not importable"
-        if "liger_kernel" in tail[0]
-        else f"failed ({code}): {tail[0][:120]}"
-    )
-    return {"op": op, "shape": shape, "impl": impl, "error": note,
-            "seconds": time.monotonic() - started}  # fmt: skip
+        self._log.close()
+        op, shape, impl = self.variant
+        if code == 0 and self.result_path.exists():
+            return json.loads(self.result_path.read_text())
+        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        note = (
+            "liger_kernel not importable"
+            if "liger_kernel" in tail[0]
+            else f"failed ({code}): {tail[0][:120]}"
+        )
+        return {"op": op, "shape": shape, "impl": impl, "error": note,
+                "seconds": time.monotonic() - self.started}  # fmt: skip
+
+    def cancel(self, why: str) -> dict[str, Any]:
+        """Stops the child before its turn; returns the ``error`` entry saying why."""
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+        op, shape, impl = self.variant
+        return {"op": op, "shape": shape, "impl": impl, "error": why}
+
+
+def _run_timed(
+    variants: list[tuple[str, str, str]], out_dir: Path, timeout: float, budget: float
+) -> list[dict[str, Any]]:
+    """Returns every variant's result, run one at a time on the GPU, in the given order.
+
+    While one variant runs, the next one's process already starts and imports (Python, torch,
+    Triton, Liger: seconds each) and waits for its turn, so the GPU work runs back to back. No
+    variant starts once ``budget`` seconds have passed (0: no budget); those report why.
+    """
+    results: list[dict[str, Any]] = []
+    begun = time.monotonic()
+    upcoming = _Launch(variants[0], out_dir) if variants else None
+    for index in range(len(variants)):
+        current = upcoming
+        assert current is not None
+        if budget and time.monotonic() - begun > budget:
+            results.append(current.cancel(f"not run: past the {budget:.0f} s --budget"))
+            upcoming = _Launch(variants[index + 1], out_dir) if index + 1 < len(variants) else None
+            continue
+        current.start()
+        upcoming = _Launch(variants[index + 1], out_dir) if index + 1 < len(variants) else None
+        result = current.finish(timeout)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+def _warm(variants: list[tuple[str, str, str]], out_dir: Path, timeout: float, jobs: int) -> None:
+    """Builds and runs each compiled variant ``jobs`` at a time, filling the kernel caches.
+
+    Triton's and inductor's on-disk caches (and inductor's autotuning choices) are shared by every
+    later process: a timed torch.compile variant then compiles in seconds instead of tens of them.
+    Nothing is timed here (concurrent variants share the GPU).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(variant: tuple[str, str, str]) -> str:
+        launch = _Launch(variant, out_dir, warm_only=True)
+        launch.start()
+        result = launch.finish(timeout)
+        return f"warm {launch.name}: " + (
+            f"{result['warm_s']:.1f} s" if "warm_s" in result else result["error"]
+        )
+
+    needing = [v for v in variants if v[2] not in ("eager",)]  # eager runs precompiled torch ops
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for line in pool.map(one, needing):
+            print(line, flush=True)
+
+
+def _by_priority(variants: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Returns the variants reordered: every shape's main rows, then launch sweeps, then compile."""
+
+    def rank(variant: tuple[str, str, str]) -> int:
+        impl = variant[2]
+        return 2 if impl == "compile" else 1 if "@" in impl else 0
+
+    return sorted(variants, key=rank)
 
 
 def _table(results: list[dict[str, Any]]) -> str:
@@ -442,6 +566,44 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _vs_copy_table(results: list[dict[str, Any]]) -> str:
+    """Returns the bandwidth table: each row's GB/s against the spec and against the copy row.
+
+    Two rooflines: the card's spec bandwidth, and the bandwidth the ``copy`` row (a plain clone)
+    reached at the same shape in the same run: what a memory-bound kernel can achieve here (the
+    empirical roofline). Graph times compare with the copy's graph time, kernel times with its
+    kernel time.
+    """
+    gpu = next((r["gpu"] for r in results if "gpu" in r), "unknown GPU")
+    spec = next((v for k, v in PEAK_BANDWIDTH.items() if k in gpu), None)
+    copies = {r["shape"]: r for r in results if r["op"] == "copy" and "kernel_ms" in r}
+    lines = [
+        "| op | shape | impl | graph ms | kernels ms | TB/s graph | TB/s kernels | % spec graph "
+        "| % spec kernels | % copy graph | % copy kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "kernel_ms" not in r or not r.get("bytes"):
+            continue
+        tb_graph = r["bytes"] / (r["graph_ms"] * 1e-3) / 1e12 if r.get("graph_ms") else None
+        tb_kernels = r["bytes"] / (r["kernel_ms"] * 1e-3) / 1e12
+        copy = copies.get(r["shape"])
+        copy_graph = copy["bytes"] / (copy["graph_ms"] * 1e-3) / 1e12 if copy and copy.get("graph_ms") else None  # fmt: skip
+        copy_kernels = copy["bytes"] / (copy["kernel_ms"] * 1e-3) / 1e12 if copy else None
+
+        def pct(value: float | None, ceiling: float | None) -> str:
+            return f"{100 * value / ceiling:.0f}%" if value and ceiling else ""
+
+        graph = f"{r['graph_ms']:.3f}" if r.get("graph_ms") else ""
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['impl']} | {graph} | {r['kernel_ms']:.3f} | "
+            f"{tb_graph or 0:.2f} | {tb_kernels:.2f} | {pct(tb_graph, spec and spec / 1e12)} | "
+            f"{pct(tb_kernels, spec and spec / 1e12)} | {pct(tb_graph, copy_graph)} | "
+            f"{pct(tb_kernels, copy_kernels)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(OPS))
@@ -454,12 +616,42 @@ def main() -> None:
         "--variants", default="", help="explicit op:shape:impl list (overrides the others)"
     )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant")
+    parser.add_argument(
+        "--budget", type=float, default=0.0, help="start no variant after this many s (0: none)"
+    )
+    parser.add_argument(
+        "--priority",
+        action="store_true",
+        help="run every shape's main rows first, then sweeps, then torch.compile (table order kept)",
+    )
+    parser.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="only build and run each non-eager variant once, --jobs at a time (fills the caches)",
+    )
+    parser.add_argument("--jobs", type=int, default=4, help="parallel processes for --warm-only")
+    parser.add_argument(
+        "--tables-from", help="print the tables of the JSON result lines in this log (no GPU)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("OP", "SHAPE", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--go", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = _child(*args.child)
+        if args.go:  # imports first, then waits for the parent's go (at most 10 minutes)
+            _preload(args.child[2])
+            deadline = time.monotonic() + 600
+            while not Path(args.go).exists():
+                if time.monotonic() > deadline:
+                    sys.exit("no go from the parent within 600 s")
+                time.sleep(0.002)
+        result = _child(*args.child, warm_only=args.warm_only)
         Path(args.result).write_text(json.dumps(result))
+        return
+    if args.tables_from:
+        lines = Path(args.tables_from).read_text().splitlines()
+        results = [json.loads(line) for line in lines if line.startswith('{"op"')]
+        print(_table(results) + "\n\n" + _vs_copy_table(results))
         return
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -467,12 +659,13 @@ def main() -> None:
     variants = _variants(args.ops.split(","), args.shapes.split(","), args.impls.split(","), sweep)
     if args.variants:  # an explicit list, run in its order
         variants = [tuple(entry.split(":", 2)) for entry in args.variants.split(",")]  # type: ignore[misc]
-    results = []
-    for variant in variants:
-        result = _run_variant(variant, out_dir, args.timeout)
-        print(json.dumps(result), flush=True)
-        results.append(result)
-    table = _table(results)
+    if args.warm_only:
+        _warm(variants, out_dir, args.timeout, args.jobs)
+        return
+    order = _by_priority(variants) if args.priority else variants
+    by_variant = dict(zip(order, _run_timed(order, out_dir, args.timeout, args.budget)))
+    results = [by_variant[v] for v in variants]
+    table = _table(results) + "\n\n" + _vs_copy_table(results)
     (out_dir / "kernels_bench.md").write_text(table + "\n")
     print(table)
 

@@ -71,8 +71,10 @@ def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Ten
     pairs = []
     # 15 rows on 4 programs (4, 4, 4, 3 rows): 2 rows per backward step leave a masked tail; with
     # prefetch the step after a program's last is loaded fully masked.
-    for offset, rows_per_step, prefetch in ((0.0, 1, 1), (1.0, 1, 0), (0.0, 2, 0), (1.0, 2, 1)):
-        BWD_TUNING["rows_per_step"], BWD_TUNING["prefetch"] = rows_per_step, prefetch
+    # 40 columns in 16-column blocks of the partials' sum: its masked tail too.
+    cases = ((0.0, 1, 1, 32), (1.0, 1, 0, 16), (0.0, 2, 0, 32), (1.0, 2, 1, 16))
+    for offset, rows_per_step, prefetch, reduce_cols in cases:
+        BWD_TUNING.update(rows_per_step=rows_per_step, prefetch=prefetch, reduce_cols=reduce_cols)
         torch.manual_seed(2)
         # 40 columns: not a power of two, so the masked tail of the block is exercised.
         x = torch.randn(5, 3, 40).requires_grad_(True)
@@ -97,30 +99,36 @@ def test_triton_norms_match_reference(triton_pairs, assert_pairs_close) -> None:
     assert_pairs_close(triton_pairs, rtol=1e-5, atol=1e-5)
 
 
-# The default backward geometry (prefetching, 2 programs per SM) and the ones
-# benchmarks/kernels_bench.py sweeps.
-GPU_TUNINGS = [
-    {},
-    {"prefetch": 0},
-    {"programs_per_sm": 1},
-    {"programs_per_sm": 4, "num_warps": 8},
-    {"rows_per_step": 2},
+# The default backward geometry (prefetching, 2 programs per SM) at both benchmark widths (Llama
+# 3.1-8B's 4096, 3.2-1B's 2048) and the geometries benchmarks/kernels_bench.py sweeps.
+GPU_CASES = [
+    ({}, 4096),
+    ({}, 2048),
+    ({"prefetch": 0}, 4096),
+    ({"programs_per_sm": 1}, 4096),
+    ({"programs_per_sm": 1, "rows_per_step": 2}, 4096),
+    ({"num_warps": 8}, 4096),
+    ({"reduce_cols": 16}, 4096),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "tuning", GPU_TUNINGS, ids=lambda t: "+".join(f"{k}={v}" for k, v in t.items()) or "default"
+    ("tuning", "hidden"),
+    GPU_CASES,
+    ids=[("+".join(f"{k}={v}" for k, v in t.items()) or "default") + f"-{h}" for t, h in GPU_CASES],
 )
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_gpu_triton_norms_bf16(assert_rel_close, offset: float, tuning: dict, monkeypatch) -> None:
+def test_gpu_triton_norms_bf16(
+    assert_rel_close, offset: float, tuning: dict, hidden: int, monkeypatch
+) -> None:
     from automodel.kernels._triton.norm import BWD_TUNING
 
     for key, value in tuning.items():
         monkeypatch.setitem(BWD_TUNING, key, value)
-    x = torch.randn(4, 2048, 4096, device="cuda")
+    x = torch.randn(4, 2048, hidden, device="cuda")
     residual = torch.randn_like(x)
-    weight = torch.rand(4096, device="cuda") + 0.5
+    weight = torch.rand(hidden, device="cuda") + 0.5
     upstream = torch.randn_like(x)
     inputs32 = [t.clone().requires_grad_(True) for t in (x, residual, weight)]
     ref, _ = add_rms_norm(*inputs32, backend="torch", offset=offset)
@@ -131,6 +139,16 @@ def test_gpu_triton_norms_bf16(assert_rel_close, offset: float, tuning: dict, mo
     assert_rel_close(summed, x + residual, 1e-2, "summed")
     assert_rel_close(out, ref, 1e-2, "normed")
     for name, got, want in zip(("dx", "dresidual", "dweight"), grads, ref_grads):
+        assert_rel_close(got, want, 1e-2, name)
+    # rms_norm alone (no summed-stream gradient: the other backward kernel), bf16 and fp32.
+    x16, w16 = x.bfloat16().requires_grad_(True), weight.bfloat16().requires_grad_(True)
+    x32, w32 = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref = rms_norm(x32, w32, offset=offset, backend="torch")
+    ref_grads = torch.autograd.grad(ref, (x32, w32), upstream)
+    out = rms_norm(x16, w16, offset=offset, backend="triton")
+    grads = torch.autograd.grad(out, (x16, w16), upstream.bfloat16())
+    assert_rel_close(out, ref, 1e-2, "rms_norm")
+    for name, got, want in zip(("rms_norm dx", "rms_norm dweight"), grads, ref_grads):
         assert_rel_close(got, want, 1e-2, name)
     # fp32 through the Triton kernel: far under 1e-3.
     out32 = rms_norm(x, weight, offset=offset, backend="triton")

@@ -18,8 +18,16 @@ from automodel.kernels._triton.launch import persistent_programs, row_block, war
 # 0: load, reduce, store, one step after the other). benchmarks/kernels_bench.py sweeps these
 # (``automodel@programs_per_sm=1+prefetch=0``). On an H100 at hidden 4096 the un-prefetched loop ran
 # at 80 us whatever the grid, warps or rows per step (benchmarks/kernels_h100_2026-11-28.md).
-BWD_TUNING = {"programs_per_sm": 2, "rows_per_step": 1, "num_warps": 0, "prefetch": 1}
-_REDUCE_ROWS, _REDUCE_COLS = 64, 32  # the partials' reduction: 128 programs at hidden 4096
+# ``reduce_cols``: columns per program of the kernel that sums the partials (32: 128 programs at
+# hidden 4096, each reading its columns of every partial row in steps of 64 rows).
+BWD_TUNING = {
+    "programs_per_sm": 2,
+    "rows_per_step": 1,
+    "num_warps": 0,
+    "prefetch": 1,
+    "reduce_cols": 32,
+}
+_REDUCE_ROWS = 64
 
 
 @triton.jit
@@ -299,8 +307,9 @@ def _backward(
     # One small kernel sums the partials and casts (torch's column sum of [programs, hidden] took
     # 18 us at 528 x 4096 on an H100, more than a tenth of the whole fwd + bwd).
     dw = torch.empty(n_cols, dtype=weight.dtype, device=x2.device)
-    _dw_reduce_kernel[(triton.cdiv(n_cols, _REDUCE_COLS),)](
-        dw_partial, dw, programs, n_cols, BLOCK_P=_REDUCE_ROWS, BLOCK_C=_REDUCE_COLS, num_warps=4
+    reduce_cols = BWD_TUNING["reduce_cols"]
+    _dw_reduce_kernel[(triton.cdiv(n_cols, reduce_cols),)](
+        dw_partial, dw, programs, n_cols, BLOCK_P=_REDUCE_ROWS, BLOCK_C=reduce_cols, num_warps=4
     )
     return dx, dw
 
