@@ -73,7 +73,10 @@ BF16 = 2
 def _variants(
     ops: list[str], shapes: list[str], impls: list[str], sweep: list[str] = ()
 ) -> list[tuple[str, str, str]]:
-    """Returns every (op, shape, impl) to run; ``sweep`` adds ``op:impl`` entries at each shape."""
+    """Returns every (op, shape, impl) to run; ``sweep`` adds ``op:impl`` (each shape) entries.
+
+    A sweep entry ``op:shape:impl`` adds that variant at that shape only.
+    """
     out = []
     for shape in shapes:
         for op in ops:
@@ -82,9 +85,10 @@ def _variants(
                     out.append((op, shape, impl))
             if op == "linear_cross_entropy" and "automodel" in impls:
                 out += [(op, shape, f"automodel_{variant}") for variant in LCE_CHUNKS]
-            out += [
-                (op, shape, entry.split(":", 1)[1]) for entry in sweep if entry.startswith(f"{op}:")
-            ]
+            for entry in sweep:  # op:impl at every shape, op:shape:impl at that one
+                parts = entry.split(":")
+                if parts[0] == op and (len(parts) == 2 or parts[1] == shape):
+                    out.append((op, shape, parts[-1]))
     return out
 
 
@@ -519,18 +523,19 @@ def _warm(variants: list[tuple[str, str, str]], out_dir: Path, timeout: float, j
             f"{result['warm_s']:.1f} s" if "warm_s" in result else result["error"]
         )
 
-    needing = [v for v in variants if v[2] not in ("eager",)]  # eager runs precompiled torch ops
+    # eager runs precompiled torch ops; torch.compile (the slowest to build) goes first
+    needing = sorted((v for v in variants if v[2] != "eager"), key=lambda v: v[2] != "compile")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for line in pool.map(one, needing):
             print(line, flush=True)
 
 
 def _by_priority(variants: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-    """Returns the variants reordered: every shape's main rows, then launch sweeps, then compile."""
+    """Returns the variants reordered: every shape's main rows, then torch.compile, then sweeps."""
 
     def rank(variant: tuple[str, str, str]) -> int:
         impl = variant[2]
-        return 2 if impl == "compile" else 1 if "@" in impl else 0
+        return 1 if impl == "compile" else 2 if "@" in impl else 0
 
     return sorted(variants, key=rank)
 
@@ -628,7 +633,7 @@ def main() -> None:
     parser.add_argument(
         "--priority",
         action="store_true",
-        help="run every shape's main rows first, then sweeps, then torch.compile (table order kept)",
+        help="run every shape's main rows first, then torch.compile, then sweeps (table order kept)",
     )
     parser.add_argument(
         "--warm-only",

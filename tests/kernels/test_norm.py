@@ -72,7 +72,7 @@ def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Ten
     # 15 rows on 4 programs (4, 4, 4, 3 rows): 2 rows per backward step leave a masked tail; with
     # prefetch the step after a program's last is loaded fully masked.
     # 40 columns in 16-column blocks of the partials' sum: its masked tail too.
-    cases = ((0.0, 1, 1, 32), (1.0, 1, 0, 16), (0.0, 2, 0, 32), (1.0, 2, 1, 16))
+    cases = ((0.0, 1, 1, 32), (1.0, 1, 2, 16), (0.0, 2, 2, 32), (1.0, 2, 0, 16))
     for offset, rows_per_step, prefetch, reduce_cols in cases:
         BWD_TUNING.update(rows_per_step=rows_per_step, prefetch=prefetch, reduce_cols=reduce_cols)
         torch.manual_seed(2)
@@ -105,6 +105,8 @@ GPU_CASES = [
     ({}, 4096),
     ({}, 2048),
     ({"prefetch": 0}, 4096),
+    ({"prefetch": 2}, 4096),
+    ({"prefetch": 2}, 2048),
     ({"programs_per_sm": 1}, 4096),
     ({"programs_per_sm": 1, "rows_per_step": 2}, 4096),
     ({"num_warps": 8}, 4096),

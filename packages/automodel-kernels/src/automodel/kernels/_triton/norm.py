@@ -15,7 +15,7 @@ from automodel.kernels._triton.launch import persistent_programs, row_block, war
 # program (0: one warp per 256 elements of the tile, 4 to 16: 16 at hidden 4096) and ``prefetch``
 # (1: each step issues the loads of the program's next rows before it reduces and stores the
 # current ones, so a row's loads are in flight across the previous row's block-wide reduction;
-# 0: load, reduce, store, one step after the other). benchmarks/kernels_bench.py sweeps these
+# 2: the loads of the two next steps are in flight; 0: load, reduce, store, one after the other). benchmarks/kernels_bench.py sweeps these
 # (``automodel@programs_per_sm=1+prefetch=0``). On an H100 at hidden 4096 the un-prefetched loop ran
 # at 80 us whatever the grid, warps or rows per step (benchmarks/kernels_h100_2026-11-28.md).
 # ``reduce_cols``: columns per program of the kernel that sums the partials (32: 128 programs at
@@ -158,7 +158,7 @@ def _rms_norm_bwd_kernel(
     # int64 row indices: rows * stride can pass 2**31 elements.
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, n_rows)
-    if PREFETCH:
+    if PREFETCH == 1:
         # The next step's loads are issued before this step's reduction and store, which they
         # cannot be reordered past: they are in flight while the block reduces (the last step's
         # are fully masked and read nothing).
@@ -176,6 +176,27 @@ def _rms_norm_bwd_kernel(
                 HAS_DS, GEMMA, BLOCK_R, BLOCK,
             )  # fmt: skip
             dy, x, rstd, ds = next_dy, next_x, next_rstd, next_ds
+    elif PREFETCH == 2:
+        # The same, two steps ahead: twice the loads in flight, in twice the registers.
+        dy, x, rstd, ds = _rms_norm_bwd_load(
+            DY, X, RSTD, DS, start, end, stride_dy, stride_x, stride_ds, n_cols,
+            HAS_DS, BLOCK_R, BLOCK,
+        )  # fmt: skip
+        dy1, x1, rstd1, ds1 = _rms_norm_bwd_load(
+            DY, X, RSTD, DS, start + BLOCK_R, end, stride_dy, stride_x, stride_ds, n_cols,
+            HAS_DS, BLOCK_R, BLOCK,
+        )  # fmt: skip
+        for first in range(start, end, BLOCK_R):
+            dy2, x2, rstd2, ds2 = _rms_norm_bwd_load(
+                DY, X, RSTD, DS, first + 2 * BLOCK_R, end, stride_dy, stride_x, stride_ds,
+                n_cols, HAS_DS, BLOCK_R, BLOCK,
+            )  # fmt: skip
+            dw = _rms_norm_bwd_store(
+                dy, x, rstd, ds, DX, first, end, w, dw, stride_dx, n_cols,
+                HAS_DS, GEMMA, BLOCK_R, BLOCK,
+            )  # fmt: skip
+            dy, x, rstd, ds = dy1, x1, rstd1, ds1
+            dy1, x1, rstd1, ds1 = dy2, x2, rstd2, ds2
     else:
         for first in range(start, end, BLOCK_R):
             dy, x, rstd, ds = _rms_norm_bwd_load(
@@ -277,6 +298,11 @@ def _backward(
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     block = row_block(n_cols)
     rows_per_step = BWD_TUNING["rows_per_step"]
+    if BWD_TUNING["prefetch"] not in (0, 1, 2):
+        raise ValueError(
+            f"BWD_TUNING['prefetch'] must be 0, 1 or 2 (steps loaded ahead); got "
+            f"{BWD_TUNING['prefetch']!r}. Set it to one of those"
+        )
     num_warps = BWD_TUNING["num_warps"] or min(16, max(4, block * rows_per_step // 256))
     _rms_norm_bwd_kernel[(programs,)](
         dy2,
@@ -298,7 +324,7 @@ def _backward(
         GEMMA=offset != 0.0,
         BLOCK_R=rows_per_step,
         BLOCK=block,
-        PREFETCH=bool(BWD_TUNING["prefetch"]),
+        PREFETCH=BWD_TUNING["prefetch"],
         num_warps=num_warps,
         maxnreg=_registers_per_thread(BWD_TUNING["programs_per_sm"], num_warps),
     )
