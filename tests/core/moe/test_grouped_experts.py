@@ -162,3 +162,27 @@ def test_local_expert_hook_for_expert_parallelism_matches_a_loop():
         gate, up = torch.nn.functional.linear(chunk, gate_up[e]).chunk(2, dim=-1)
         want.append(torch.nn.functional.linear(experts.act_fn(gate) * up, down[e]))
     torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=1e-6)
+
+
+def test_permute_hooks_for_expert_parallelism_compose_to_the_forward_with_dropped_slots():
+    # The all-to-all forward permutes with E + 1 groups (a router's dropped slots, index E, last),
+    # sends the first rows, pads the dropped ones with zeros and combines with unpermute_tokens.
+    experts = _experts(build_tiny_model("mixtral"))[0]
+    patch_moe_experts(torch.nn.ModuleList([experts]))
+    num_experts, _, hidden = experts.gate_up_proj.shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, hidden, generator=gen)
+    index = torch.randint(0, num_experts, (5, 2), generator=gen)
+    weights = torch.rand(5, 2, generator=gen)
+    index[1, 0] = num_experts  # dropped
+    rows, row_map, counts = experts.permute_tokens(x, index, num_experts + 1)
+    assert counts.tolist()[-1] == 1 and rows.shape == (10, hidden)
+    kept = int(counts[:num_experts].sum())
+    out = experts.grouped_expert_mlp(
+        rows[:kept], counts[:num_experts], experts.gate_up_proj, experts.down_proj
+    )
+    out = torch.cat([out, out.new_zeros(rows.shape[0] - kept, hidden)])
+    got = experts.unpermute_tokens(out, row_map, weights)
+    dropped = index == num_experts
+    want = experts(x, index.masked_fill(dropped, 0), weights.masked_fill(dropped, 0))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
