@@ -12,6 +12,13 @@ rank keeps ``E / ep`` experts, and replaces their forward with:
 2. compute: each rank runs its local experts on what it received;
 3. combine: all-to-all the results back, weight them by the router scores and sum per token.
 
+Experts grouped by ``automodel.core`` carry hooks this module calls when present (it imports
+neither core nor kernels): ``permute_tokens`` / ``unpermute_tokens`` (core's gather kernels:
+deterministic, no ``index_put`` backward, fp32 sums inside the kernel) for steps 1 and 3, and
+``grouped_expert_mlp`` (grouped GEMMs) for step 2. Without them, plain indexing, an fp32
+``index_add_`` and a loop over the local experts do the same. Either way one host sync per layer
+remains: the split sizes, which NCCL's uneven all-to-all takes as Python ints.
+
 Both all-to-alls are differentiable, so expert gradients are complete on the owning rank (they sum
 the contributions of every rank's tokens) and input gradients flow back to the sending rank. The
 router and everything outside the experts stay replicated: the ``ep`` ranks see different tokens, so
