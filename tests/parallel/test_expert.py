@@ -31,11 +31,16 @@ def _tolerances(device: str) -> dict[str, float]:
 
 def _ep_matches_single_process(
     rank: int, world_size: int, names: list[str], device: str = "cpu"
-) -> tuple[dict[str, float], list[str]]:
-    """EP over all ranks; each rank gets its own slice of the batch; compares with the full model."""
+) -> tuple[dict[str, float], list[str], dict[str, float]]:
+    """EP over all ranks; each rank gets its own slice of the batch; compares with the full model.
+
+    Returns the worst loss difference per model, the bad-config messages, and per model the
+    largest output difference of the EP experts with dropped slots (:func:`_dropped_slots_diff`).
+    """
     mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("ep",))
     tol = _tolerances(device)
     worst: dict[str, float] = {}
+    dropped: dict[str, float] = {}
     for name in names:
         reference = build_tiny_model(name, seed=0).to(device).train()
         if name == "qwen3_moe":  # EP must run core's grouped GEMMs through `grouped_expert_mlp`
@@ -47,7 +52,11 @@ def _ep_matches_single_process(
         assert callable(getattr(experts_module, "grouped_expert_mlp", None)) == (
             name == "qwen3_moe"
         )
-        local_experts = model.get_submodule(find_expert_modules(model)[0][0]).gate_up_proj
+        experts_fqn = find_expert_modules(model)[0][0]
+        dropped[name] = _dropped_slots_diff(
+            reference.get_submodule(experts_fqn), model.get_submodule(experts_fqn), rank, device
+        )
+        local_experts = model.get_submodule(experts_fqn).gate_up_proj
         assert isinstance(local_experts, DTensor)
         assert local_experts.to_local().shape[0] == local_experts.shape[0] // world_size
 
@@ -86,49 +95,37 @@ def _ep_matches_single_process(
             opt.step()
             opt.zero_grad()
         worst[name] = max(diffs)
-    return worst, _bad_configs(mesh)
+    return worst, _bad_configs(mesh), dropped
 
 
 def _ep_worker(rank: int, world_size: int, device: str = "cpu") -> dict[str, Any]:
     """Every EP check of one launch: EP over all ranks, bad configs, EP=2 inside FSDP, EP x TP."""
-    worst, messages = _ep_matches_single_process(
+    worst, messages, dropped = _ep_matches_single_process(
         rank, world_size, names=["mixtral", "qwen3_moe"], device=device
     )
     ep_fsdp = _ep_fsdp_matches_single_process(rank, world_size, device=device)
-    return {"worst": worst, "messages": messages, "ep_fsdp": ep_fsdp,
-            "ep_tp": _ep_tp_matches_single_process(device),
-            "dropped": _dropped_slots_match(rank, world_size, device)}  # fmt: skip
+    return {"worst": worst, "messages": messages, "ep_fsdp": ep_fsdp, "dropped": dropped,
+            "ep_tp": _ep_tp_matches_single_process(device)}  # fmt: skip
 
 
-def _dropped_slots_match(rank: int, world_size: int, device: str = "cpu") -> dict[str, float]:
-    """Returns, per model, the largest difference of EP experts with dropped slots vs one process.
+def _dropped_slots_diff(reference: Any, experts: Any, rank: int, device: str) -> float:
+    """Returns the largest difference of the EP ``experts`` with dropped slots vs ``reference``.
 
     A router may mark a slot no expert takes with index ``E``: it must add nothing, on both EP
     paths (mixtral: the all-to-all forward's own permutation; qwen3_moe: core's permute hooks).
-    The single-process reference routes those slots to expert 0 with weight 0.
+    ``reference`` (the same weights, one process) routes those slots to expert 0 with weight 0.
     """
-    from automodel.core.moe import patch_moe_experts
-
-    mesh = init_device_mesh(device, (world_size,), mesh_dim_names=("ep",))
-    worst = {}
-    for name in ("mixtral", "qwen3_moe"):
-        model = build_tiny_model(name, seed=0).to(device)
-        if name == "qwen3_moe":
-            assert patch_moe_experts(model)
-        fqn, experts = find_expert_modules(model)[0]
-        reference = copy.deepcopy(experts)
-        num_experts, _, hidden = experts.gate_up_proj.shape
-        apply_expert_parallel(model, mesh)
-        gen = torch.Generator().manual_seed(2 + rank)
-        x = torch.randn(6, hidden, generator=gen).to(device)
-        index = torch.randint(0, num_experts, (6, 2), generator=gen).to(device)
-        index[::2, 1] = num_experts  # dropped
-        weights = torch.rand(6, 2, generator=gen).to(device)
-        got = model.get_submodule(fqn)(x, index, weights)
+    num_experts, _, hidden = reference.gate_up_proj.shape
+    gen = torch.Generator().manual_seed(2 + rank)
+    x = torch.randn(6, hidden, generator=gen).to(device)
+    index = torch.randint(0, num_experts, (6, 2), generator=gen).to(device)
+    index[::2, 1] = num_experts  # dropped
+    weights = torch.rand(6, 2, generator=gen).to(device)
+    with torch.no_grad():
+        got = experts(x, index, weights)
         dropped = index == num_experts
         expected = reference(x, index.masked_fill(dropped, 0), weights.masked_fill(dropped, 0))
-        worst[name] = float((got - expected).abs().max())
-    return worst
+    return float((got - expected).abs().max())
 
 
 # ep=2 x tp=2 on 4 ranks: attention and dense parts TP over tp, experts EP over the dp ranks
@@ -166,8 +163,8 @@ def check_ep_results(results: list[dict[str, Any]]) -> None:
     ``_ep_worker`` after its llama strategies (a launch costs each rank seconds of imports):
     ep=4 over mixtral and qwen3_moe (4 experts each), then ep=2 x fsdp=2, whose expert gradients
     are divided by a factor FSDP would reduce with PREMUL_SUM (not on gloo), then ep=2 x tp=2
-    (mixtral) and ep=2 x tp=2 + SP (qwen3_moe) through parallelize, then slots a router dropped
-    (index E) on both EP paths.
+    (mixtral) and ep=2 x tp=2 + SP (qwen3_moe) through parallelize. The ep=4 models are also
+    checked, right after sharding, on slots a router dropped (index E) on both EP paths.
     """
     for r in results:
         assert set(r["worst"]) == {"mixtral", "qwen3_moe"}
@@ -283,10 +280,10 @@ def _ep_gpu_worker(rank: int, world_size: int) -> dict[str, Any]:
     if world_size == 4:
         out = _ep_worker(rank, world_size, device)
     else:
-        worst, messages = _ep_matches_single_process(
+        worst, messages, dropped = _ep_matches_single_process(
             rank, world_size, names=["mixtral", "qwen3_moe"], device=device
         )
-        out = {"worst": worst, "messages": messages, "ep_fsdp": None}
+        out = {"worst": worst, "messages": messages, "ep_fsdp": None, "dropped": dropped}
     dist.barrier()
     dist.destroy_process_group()
     return out
@@ -304,6 +301,8 @@ def test_expert_parallel_ep_inside_fsdp_and_ep_x_tp_equal_single_gpu_nccl() -> N
         assert all(diff <= LOSS_ATOL for diff in r["worst"].values()), r["worst"]
         assert len(r["messages"]) == 3
         assert "carries a LoRA adapter on its experts" in r["messages"][2]
+        assert set(r["dropped"]) == {"mixtral", "qwen3_moe"}
+        assert all(diff <= 1e-4 for diff in r["dropped"].values()), r["dropped"]
         if world == 4:
             assert len(r["ep_fsdp"]) == _STEPS
             _check_ep_tp(r["ep_tp"], loss_atol=LOSS_ATOL, grad_rtol=GRAD_RTOL)
