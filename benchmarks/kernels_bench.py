@@ -62,10 +62,8 @@ OPS = (
 )
 IMPLS = ("eager", "compile", "liger", "automodel")
 # Extra automodel variants of linear_cross_entropy, "automodel_" + "_"-joined parts: chunk<N> (tokens
-# per chunk), chunks / vocab (weight_grad "chunks" / "vocab_blocks"), addmm (the per-chunk update by
-# cuBLAS instead of the Triton kernel), bk<N> / bm<N> / stages<N> (that kernel's tile), ce<N>
-# (the fused loss kernel with N warps).
-LCE_CHUNKS = ("chunk256_chunks_addmm", "chunk256_chunks", "chunk256_vocab", "chunk512_chunks_addmm")
+# per chunk) and chunks / vocab (weight_grad "chunks" / "vocab_blocks"; default "auto").
+LCE_CHUNKS = ("chunk256_chunks", "chunk256_vocab", "chunk512_chunks", "chunk512_vocab")
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 BF16 = 2
 
@@ -240,25 +238,14 @@ def _build(op: str, s: dict[str, int], impl: str) -> tuple[Callable[[], Any], li
             def forward() -> Any:
                 return _first(loss_fn(weight, hidden, labels))
         elif impl.startswith("automodel"):
-            from automodel.kernels._triton.linear_cross_entropy import TUNING as lce_tuning
-
             chunk, weight_grad = None, "auto"
             for part in impl.split("_")[1:]:  # see LCE_CHUNKS
-                if part.startswith("chunk") and part != "chunks":
-                    chunk = int(part.removeprefix("chunk"))
-                elif part in ("chunks", "vocab"):
+                if part in ("chunks", "vocab"):
                     weight_grad = "chunks" if part == "chunks" else "vocab_blocks"
-                elif part == "addmm":
-                    lce_tuning["enabled"] = 0
-                elif part.startswith("ce"):  # the fused loss kernel: N warps, 512 N logits a step
-                    from automodel.kernels._triton import cross_entropy as ce_triton
-
-                    ce_triton._FUSED_WARPS = int(part.removeprefix("ce"))
-                    ce_triton._FUSED_BLOCK_V = 512 * ce_triton._FUSED_WARPS
+                elif part.startswith("chunk"):
+                    chunk = int(part.removeprefix("chunk"))
                 else:
-                    key = {"bk": "block_k", "bm": "block_m", "stages": "num_stages"}
-                    name = next(k for k in key if part.startswith(k))
-                    lce_tuning[key[name]] = int(part.removeprefix(name))
+                    raise ValueError(f"variant {impl!r}: unknown part {part!r}; see LCE_CHUNKS")
 
             def forward() -> Any:
                 return K.linear_cross_entropy(

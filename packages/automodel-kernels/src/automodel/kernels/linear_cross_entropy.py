@@ -15,7 +15,14 @@ The weight gradient is built one of two ways (``weight_grad``):
   the block (in the same buffer: ``[tokens, rows]`` holds as many elements as one token chunk),
   turns them into their gradient from the stored logsumexp, and writes the block's ``grad_w`` rows
   once (``dlogits_block.T @ hidden``, a matmul over all tokens). One more matmul in all, but every
-  matmul of the second pass is compute-bound and ``grad_w`` is written once, never read.
+  matmul of the second pass is compute-bound, ``grad_w`` is written once, never read, and rounded
+  to its dtype once instead of once per chunk.
+
+Which is faster depends on the chunk (benchmarks/kernels_lce_h100_2026-11-28.md, H100, 8192 tokens x
+128256 vocab): at 256 tokens per chunk (Liger-Kernel's chunk and memory) the per-chunk update takes
+16.8 ms (1b) of a 34.6 ms step and ``"vocab_blocks"`` is 1.04x (1b) / 1.09x (8b) faster; at 512
+tokens the update is nearly compute-bound and the extra matmul (~6 ms at 1b) costs more than it
+saves.
 
 A ``weight`` sharded on the vocab dim (a DTensor with ``Shard(0)`` on a 1-D mesh, as tensor
 parallelism shards ``lm_head``) works too: each rank computes its vocab slice and the softmax
@@ -41,8 +48,9 @@ __all__ = ["linear_cross_entropy"]
 # tokens match Liger's memory but not its speed (grad_w is read and written once per chunk);
 # 512 tokens are ~1.2x faster than Liger for 0.06 GiB more.
 _CHUNK_LOGITS_BYTES = 1 << 27
-# What weight_grad="auto" picks on CUDA (on the CPU: "chunks", the reference).
-_AUTO_WEIGHT_GRAD_CUDA = "vocab_blocks"
+# weight_grad="auto" on CUDA picks "vocab_blocks" up to this many tokens per chunk, where the
+# per-chunk update is bound by grad_w's read and write (measured faster at 256, slower at 512).
+_VOCAB_BLOCKS_MAX_CHUNK = 256
 WEIGHT_GRADS = ("chunks", "vocab_blocks")
 
 
@@ -82,11 +90,11 @@ def linear_cross_entropy(
             tokens of a 128k vocabulary in bf16).
         weight_grad: how ``weight``'s gradient is built (module docstring): ``"chunks"`` (one
             pass, accumulated per token chunk), ``"vocab_blocks"`` (a second pass over vocab
-            blocks, each row written once) or ``"auto"`` (``"vocab_blocks"`` on CUDA, ``"chunks"``
-            elsewhere). A vocab-sharded ``weight`` always uses ``"chunks"``.
+            blocks, each row written once) or ``"auto"`` (on CUDA ``"vocab_blocks"`` for chunks
+            of at most 256 tokens, else ``"chunks"``; ``"chunks"`` on the CPU). A vocab-sharded
+            ``weight`` always uses ``"chunks"``.
         backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``; selects the
-            loss kernels and, with ``"chunks"`` in bf16/fp16, the Triton per-chunk weight-gradient
-            update; the other matmuls are cuBLAS either way.
+            loss kernels, the matmuls are cuBLAS either way.
 
     Returns:
         ``loss`` (fp32, 0-d) and ``num_label_tokens`` (0-d int64, no host sync).
@@ -125,8 +133,6 @@ def linear_cross_entropy(
             f"or one of {list(WEIGHT_GRADS)}"
         )
     choice = resolve_backend("linear_cross_entropy", backend, hidden.device)
-    if weight_grad == "auto":
-        weight_grad = _AUTO_WEIGHT_GRAD_CUDA if hidden.device.type == "cuda" else "chunks"
 
     vocab_size = weight.shape[0]
     hidden, labels = _local_replicated(hidden), _local_replicated(labels)
@@ -138,6 +144,7 @@ def linear_cross_entropy(
     n_tokens = flat_hidden.shape[0]
     if chunk_size is None:
         chunk_size = _default_chunk_size(n_tokens, weight_local.shape[0], hidden.element_size())
+    weight_grad = _resolve_weight_grad(weight_grad, hidden.device, chunk_size, n_tokens)
     loss, count = _ChunkedLinearCrossEntropy.apply(
         flat_hidden,
         weight_local,
@@ -235,15 +242,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if dlogits is None:
                 continue
             if accumulate_w is not None:
-                # fp32 accumulation, rounded once per chunk. With few tokens per chunk it is bound
-                # by reading and writing grad_w, so on CUDA it runs on a side stream, beside the
-                # compute-bound grad_h matmul that reads the same chunk.
+                # addmm accumulates in fp32 inside cuBLAS and rounds once per chunk. With few tokens
+                # per chunk it is bound by reading and writing grad_w, so on CUDA it runs on a side
+                # stream, beside the grad_h matmul that reads the same chunk.
                 if side is not None:
                     side.wait_stream(main)  # type: ignore[arg-type]
                     with torch.cuda.stream(side):
-                        _accumulate_weight_grad(accumulate_w, dlogits, h, opts["triton"])
+                        accumulate_w.addmm_(dlogits.T, h)
                 else:
-                    _accumulate_weight_grad(accumulate_w, dlogits, h, opts["triton"])
+                    accumulate_w.addmm_(dlogits.T, h)
             if grad_h is not None:
                 torch.matmul(dlogits, weight, out=grad_h[start : start + chunk])
             if grad_b is not None:
@@ -288,22 +295,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None
 
 
-def _accumulate_weight_grad(
-    grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, triton: bool
-) -> None:
-    """Adds ``dlogits.T @ h`` to ``grad_w`` (fp32 accumulation, rounded once)."""
-    if triton and grad_w.dtype in (torch.bfloat16, torch.float16) and _wgrad_kernel_enabled():
-        from automodel.kernels._triton.linear_cross_entropy import addmm_at_b_
-
-        addmm_at_b_(grad_w, dlogits, h)
-    else:
-        grad_w.addmm_(dlogits.T, h)
-
-
-def _wgrad_kernel_enabled() -> bool:
-    from automodel.kernels._triton.linear_cross_entropy import TUNING
-
-    return bool(TUNING["enabled"])
+def _resolve_weight_grad(
+    weight_grad: str, device: torch.device, chunk_size: int, n_tokens: int
+) -> str:
+    """Returns the schedule ``weight_grad="auto"`` stands for (anything else unchanged)."""
+    if weight_grad != "auto":
+        return weight_grad
+    small_chunks = chunk_size <= _VOCAB_BLOCKS_MAX_CHUNK < n_tokens
+    return "vocab_blocks" if device.type == "cuda" and small_chunks else "chunks"
 
 
 def _weight_grad_by_vocab_blocks(
