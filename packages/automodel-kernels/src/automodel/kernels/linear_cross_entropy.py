@@ -207,7 +207,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if want_b
             else None
         )
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        # A running sum, not a [tokens] buffer: the vocab-block pass's logsumexp takes that room.
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         chunk_loss = _chunk_loss_triton if opts["triton"] else _chunk_loss_torch
         chunk = opts["chunk_size"]
         # One logits buffer for every chunk: the allocator never holds two chunks at once.
@@ -238,7 +239,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 vocab_size=opts["vocab_size"],
                 lse_out=lse[start : start + h.shape[0]] if lse is not None else None,
             )
-            losses[start : start + h.shape[0]] = loss
+            total.add_(loss.sum())
             if dlogits is None:
                 continue
             if accumulate_w is not None:
@@ -263,7 +264,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_w, hidden, weight, bias, labels, lse, scale, buffer, opts
             )
         del buffer
-        total = losses.sum()
         if grad_h is not None and group is not None:
             # Each rank holds the contribution of its vocab slice.
             dist.all_reduce(grad_h, group=group)
