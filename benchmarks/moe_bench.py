@@ -58,7 +58,6 @@ from typing import Any
 
 VARIANTS = [
     "automodel",
-    "automodel_syncfree",
     "transformers",
     "nemo",
     "ep2",
@@ -190,78 +189,15 @@ def _build(variant: str, config: Any, dtype: Any, device: Any) -> tuple[Any, dic
         parallel = ParallelConfig(dp_shard=-1, ep=EP_SIZES[variant])
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, parallel=parallel)
-    if variant == "automodel_syncfree":
-        skip_packed_check_for_own_positions(model)
     experts = [m for m in model.modules() if is_experts_module(m)]
     grouped = sum(bool(getattr(m, "_automodel_grouped", False)) for m in experts)
     info["note"] = f"{grouped}/{len(experts)} experts modules grouped by from_config"
-    if variant == "automodel_syncfree":
-        info["note"] += (
-            "; + proposed core patch (applied by this script): no packed-sequence check, so no "
-            "host sync, when the model makes its own position_ids"
-        )
     if parallel is not None:
         info["note"] = (
             f"ep={EP_SIZES[variant]} x fsdp over {EP_SIZES[variant]} GPUs; experts run by "
             f"automodel.parallel's all-to-all forward ({grouped}/{len(experts)} grouped)"
         )
     return model, info
-
-
-_OWN_POSITIONS: Any = None  # contextvars.ContextVar, created on first use
-
-
-def skip_packed_check_for_own_positions(model: Any) -> list[str]:
-    """Returns the modeling modules whose mask functions now skip a needless packed-sequence check.
-
-    A proposal for ``automodel.core.patching`` (applied here, by the ``automodel_syncfree``
-    variant, to measure it). transformers' ``create_causal_mask`` looks for packed sequences in
-    ``position_ids`` whenever there is no attention mask and no cache, with a Python ``.all()`` on
-    a CUDA tensor: one host sync at the start of every training forward. The CPU then cannot
-    queue the forward while the GPU still runs the previous optimizer step. When the caller passed
-    neither ``position_ids`` nor ``attention_mask`` nor a cache, the model builds its own
-    ``arange`` positions, which are never packed: the check's answer is known, so the mask
-    functions are called without ``position_ids`` then (the mask they build is the same: none, or
-    the plain causal one). Callers that pass packed ``position_ids`` keep the check.
-    """
-    import contextvars
-    import inspect
-    import sys
-
-    global _OWN_POSITIONS
-    if _OWN_POSITIONS is None:
-        _OWN_POSITIONS = contextvars.ContextVar("automodel_own_positions", default=False)
-    own = _OWN_POSITIONS
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    signature = inspect.signature(base.forward)
-
-    def pre_hook(module: Any, args: Any, kwargs: Any) -> None:
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        module._automodel_own_positions_token = own.set(
-            all(bound.get(k) is None for k in ("position_ids", "attention_mask", "past_key_values"))
-        )
-
-    def post_hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-        own.reset(module._automodel_own_positions_token)
-
-    base.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    base.register_forward_hook(post_hook, with_kwargs=True, always_call=True)  # also on errors
-    modeling = sys.modules[type(base).__module__]
-    patched = []
-    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
-        original = getattr(modeling, name, None)
-        if original is None or getattr(original, "_automodel_own_positions", False):
-            continue
-
-        def wrapper(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            if own.get():
-                kwargs["position_ids"] = None
-            return _original(*args, **kwargs)
-
-        wrapper._automodel_own_positions = True  # type: ignore[attr-defined]
-        setattr(modeling, name, wrapper)
-        patched.append(f"{modeling.__name__}.{name}")
-    return patched
 
 
 def _init_single_rank() -> None:
@@ -567,7 +503,7 @@ def _cell(row: dict[str, Any]) -> str:
 def _ratios(rows: list[dict[str, Any]]) -> str:
     ran = {r["variant"]: r for r in rows if "tokens_s" in r}
     sentences = []
-    for name in ("automodel", "automodel_syncfree"):
+    for name in ("automodel",):
         ours = ran.get(name)
         if ours is None:
             continue

@@ -2,8 +2,9 @@
 
 ``patch_model`` walks a stock ``transformers`` model and swaps in automodel.kernels where it
 recognizes a module type: RMSNorm-like norms, gated MLPs (separate or fused gate/up), fused MoE
-experts (grouped GEMMs, ``automodel.core.moe``), the modeling file's ``apply_rotary_pos_emb`` and
-the causal-LM loss. A candidate is patched only after
+experts (grouped GEMMs, ``automodel.core.moe``), the modeling file's ``apply_rotary_pos_emb``, the
+causal-LM loss, and the packed-sequence check of its mask functions (skipped, with its host sync,
+when the model makes its own positions). A candidate is patched only after
 a numerical probe on random inputs shows the kernel reproduces the module's own forward (fp32,
 tight tolerance), so an unfamiliar variant is left alone rather than silently changed. The model
 stays a standard HF model; what was patched is logged and returned.
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from automodel.core import _ops
+from automodel.core._own_positions import skip_packed_check_for_own_positions
 
 logger = logging.getLogger("automodel.core")
 
@@ -76,6 +78,7 @@ def patch_model(model: nn.Module) -> PatchReport:
             report.modules[type(module).__name__] += 1
     _patch_experts(model, report)
     _patch_rotary(model, report)
+    report.functions += skip_packed_check_for_own_positions(model)
     if _is_causal_lm(model):
         model.loss_function = _causal_lm_loss  # type: ignore[assignment]
         report.functions.append("loss_function")
