@@ -201,8 +201,12 @@ def _triton_linear_ce_worker(rank: int, world_size: int) -> list:
     """The Triton chunk kernels against the full-logits reference, in a TRITON_INTERPRET=1 process.
 
     Both weight-gradient schedules; ``vocab_blocks`` with every loss option (the logsumexp the
-    fused chunk kernel stores and the gradient kernel of each vocab block).
+    fused chunk kernel stores and the gradient kernel of each vocab block). ``_chunked``'s upstream
+    gradient of 3 scales the gradients in backward; an upstream gradient of 1 leaves them as they
+    are (the scale kernel's skip), checked on the first problem and on the kernel alone.
     """
+    from automodel.kernels._triton.scale import scale_unless_one_
+
     names = ("loss", "count", "dhidden", "dweight", "dbias")
     pairs = []
     for weight_grad, options in (("chunks", OPTIONS[0]), ("vocab_blocks", OPTIONS[-1])):
@@ -213,6 +217,19 @@ def _triton_linear_ce_worker(rank: int, world_size: int) -> list:
             (f"{weight_grad} {options} {n}", g.detach(), r.detach())
             for n, g, r in zip(names, out, ref)
         ]
+    problem = _problem(4)
+    hidden = problem["hidden"].clone().requires_grad_(True)
+    weight = problem["weight"].clone().requires_grad_(True)
+    loss, _ = linear_cross_entropy(
+        hidden, weight, problem["labels"], chunk_size=10, backend="triton"
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref = _full_logits_reference(problem)
+    pairs += [(f"upstream 1: {n}", g, r) for n, g, r in zip(("dhidden", "dweight"), grads, ref[2:])]
+    x = torch.randn(5000).bfloat16()  # two 4096-element steps, the second ragged
+    pairs.append(("scale by 1", scale_unless_one_(x.clone(), torch.tensor(1.0)), x))
+    halved = scale_unless_one_(x.clone(), torch.tensor(0.5))
+    pairs.append(("scale by 0.5", halved, x * 0.5))
     return pairs
 
 
@@ -261,3 +278,14 @@ def test_gpu_linear_cross_entropy_bf16(assert_rel_close, options: dict, weight_g
     assert_rel_close(out32, ref, 1e-5, "fp32 loss")
     for name, got, want in zip(("fp32 dhidden", "fp32 dweight"), grads32, ref_grads):
         assert_rel_close(got, want, 1e-4, name)
+
+
+@pytest.mark.gpu
+def test_gpu_scale_unless_one() -> None:
+    from automodel.kernels._triton.scale import scale_unless_one_
+
+    x = torch.randn(4096, 4097, device="cuda", dtype=torch.bfloat16)
+    for value in (1.0, 0.37, 3.0):
+        scale = torch.tensor(value, device="cuda")
+        want = (x.float() * value).bfloat16()
+        assert torch.equal(scale_unless_one_(x.clone(), scale), want), value

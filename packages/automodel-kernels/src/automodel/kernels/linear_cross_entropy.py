@@ -269,6 +269,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             dist.all_reduce(grad_h, group=group)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.triton = opts["triton"]
         ctx.backward_done = False
         ctx.mark_non_differentiable(count)
         return total * scale, count
@@ -286,13 +287,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.backward_done = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
         # In place: the buffers were made for this call, and copies would double the peak memory.
-        if grad_h is not None:
-            grad_h.mul_(grad_loss.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w.mul_(grad_loss.to(grad_w.dtype))
+        for grad in (grad_h, grad_w):
+            if grad is not None:
+                _scale_(grad, grad_loss, ctx.triton)
         if grad_b is not None:
             grad_b = (grad_b * grad_loss).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None
+
+
+def _scale_(grad: torch.Tensor, grad_loss: torch.Tensor, triton: bool) -> None:
+    """Multiplies ``grad`` in place by the upstream gradient ``grad_loss`` (0-d)."""
+    if triton and grad.is_contiguous():
+        # Skips the read and write of the whole gradient when grad_loss is 1, without a host sync.
+        from automodel.kernels._triton.scale import scale_unless_one_
+
+        scale_unless_one_(grad, grad_loss)
+    else:
+        grad.mul_(grad_loss.to(grad.dtype))
 
 
 def _resolve_weight_grad(
