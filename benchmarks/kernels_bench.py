@@ -281,10 +281,9 @@ def _dw_partial_bytes(impl: str, tokens: int, hidden: int) -> int:
     if impl == "liger":
         rows = torch.cuda.get_device_properties(0).multi_processor_count  # one row per SM
     elif impl.startswith("automodel"):
-        from automodel.kernels._triton.launch import persistent_programs
-        from automodel.kernels._triton.norm import BWD_TUNING
+        from automodel.kernels._triton.norm import backward_geometry
 
-        rows = persistent_programs(torch.device("cuda", 0), tokens, BWD_TUNING["programs_per_sm"])
+        rows = backward_geometry(torch.device("cuda", 0), tokens, hidden)[0]
     else:
         return 0  # eager/compile reduce the weight gradient without a partials buffer
     return 2 * rows * hidden * 4

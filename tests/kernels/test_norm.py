@@ -71,10 +71,16 @@ def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Ten
     pairs = []
     # 15 rows on 4 programs (4, 4, 4, 3 rows): 2 rows per backward step leave a masked tail; with
     # prefetch the step after a program's last is loaded fully masked.
-    # 40 columns in 16-column blocks of the partials' sum: its masked tail too.
-    cases = ((0.0, 1, 1, 32), (1.0, 1, 2, 16), (0.0, 2, 2, 32), (1.0, 2, 0, 16))
-    for offset, rows_per_step, prefetch, reduce_cols in cases:
-        BWD_TUNING.update(rows_per_step=rows_per_step, prefetch=prefetch, reduce_cols=reduce_cols)
+    # 40 columns in 16-column blocks of the partials' sum: its masked tail too; its 4 partial rows
+    # in one step (reduce_rows=0) or two.
+    cases = ((0.0, 1, 1, 0, 32), (1.0, 1, 2, 2, 16), (0.0, 2, 2, 0, 16), (1.0, 2, 0, 2, 32))
+    for offset, rows_per_step, prefetch, reduce_rows, reduce_cols in cases:
+        BWD_TUNING.update(
+            rows_per_step=rows_per_step,
+            prefetch=prefetch,
+            reduce_rows=reduce_rows,
+            reduce_cols=reduce_cols,
+        )
         torch.manual_seed(2)
         # 40 columns: not a power of two, so the masked tail of the block is exercised.
         x = torch.randn(5, 3, 40).requires_grad_(True)
@@ -89,7 +95,9 @@ def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Ten
             results[backend] = (out, normed, summed, *grads)
         names = ("out", "normed", "summed", "dx", "dresidual", "dweight")
         for name, got, want in zip(names, results["triton"], results["torch"]):
-            label = f"offset={offset} rows_per_step={rows_per_step} prefetch={prefetch} {name}"
+            label = (
+                f"offset={offset} case={rows_per_step, prefetch, reduce_rows, reduce_cols} {name}"
+            )
             pairs.append((label, got.detach(), want.detach()))
     return pairs
 
@@ -99,18 +107,19 @@ def test_triton_norms_match_reference(triton_pairs, assert_pairs_close) -> None:
     assert_pairs_close(triton_pairs, rtol=1e-5, atol=1e-5)
 
 
-# The default backward geometry (prefetching, 2 programs per SM) at both benchmark widths (Llama
-# 3.1-8B's 4096, 3.2-1B's 2048) and the geometries benchmarks/kernels_bench.py sweeps.
+# The default backward geometry (prefetching, 32 warps per SM: 2 programs at hidden 4096, 4 at
+# 2048) at both benchmark widths (Llama 3.1-8B's 4096, 3.2-1B's 2048) and the geometries
+# benchmarks/kernels_bench.py sweeps.
 GPU_CASES = [
     ({}, 4096),
     ({}, 2048),
     ({"prefetch": 0}, 4096),
     ({"prefetch": 2}, 4096),
     ({"prefetch": 2}, 2048),
-    ({"programs_per_sm": 1}, 4096),
+    ({"programs_per_sm": 2}, 2048),
     ({"programs_per_sm": 1, "rows_per_step": 2}, 4096),
     ({"num_warps": 8}, 4096),
-    ({"reduce_cols": 16}, 4096),
+    ({"reduce_rows": 64, "reduce_cols": 32}, 4096),
 ]
 
 

@@ -10,24 +10,44 @@ import triton.language as tl
 
 from automodel.kernels._triton.launch import persistent_programs, row_block, warps_for
 
-# Launch geometry and structure of the backward kernel: programs per SM (the persistent grid: each
-# writes one fp32 weight-gradient partial row), rows each program handles per step, warps per
-# program (0: one warp per 256 elements of the tile, 4 to 16: 16 at hidden 4096) and ``prefetch``
-# (1: each step issues the loads of the program's next rows before it reduces and stores the
-# current ones, so a row's loads are in flight across the previous row's block-wide reduction;
-# 2: the loads of the two next steps are in flight; 0: load, reduce, store, one after the other). benchmarks/kernels_bench.py sweeps these
-# (``automodel@programs_per_sm=1+prefetch=0``). On an H100 at hidden 4096 the un-prefetched loop ran
-# at 80 us whatever the grid, warps or rows per step (benchmarks/kernels_h100_2026-11-28.md).
-# ``reduce_cols``: columns per program of the kernel that sums the partials (32: 128 programs at
-# hidden 4096, each reading its columns of every partial row in steps of 64 rows).
+# Launch geometry and structure of the backward kernel (benchmarks/kernels_bench.py sweeps every key:
+# ``automodel@programs_per_sm=1+prefetch=0``):
+# - programs_per_sm: the persistent grid, each program writing one fp32 weight-gradient partial row
+#   (0: as many as fill an SM with 32 warps: 2 at hidden 4096, 4 at 2048);
+# - rows_per_step: rows a program handles per step;
+# - num_warps: per program (0: one warp per 256 elements of the tile, 4 to 16: 16 at hidden 4096);
+# - prefetch: 1: each step issues the loads of the program's next rows before it reduces and
+#   stores the current ones, so they are in flight across the block-wide reduction; 2: the loads
+#   of the two next steps are in flight; 0: load, reduce, store, one after the other. On an H100 at
+#   8b, 1 took the kernel from 79.8 us to 73.7 us (rms_norm) and 105.9 to 98.2 us (add_rms_norm);
+#   without it every grid, warp count and rows per step ran at 80-89 us;
+# - reduce_rows / reduce_cols: the kernel that sums the partials reads ``reduce_cols`` columns per
+#   program, ``reduce_rows`` partial rows per step (0: all of them in one step, up to 1024).
+#   64 x 32 (five dependent steps over 264 partial rows) took 4.1-4.4 us at both shapes, 6% of
+#   rms_norm at 1b: a kernel this small cannot hide its load latency, so fewer steps are cheaper.
 BWD_TUNING = {
-    "programs_per_sm": 2,
+    "programs_per_sm": 0,
     "rows_per_step": 1,
     "num_warps": 0,
     "prefetch": 1,
-    "reduce_cols": 32,
+    "reduce_rows": 0,
+    "reduce_cols": 16,
 }
-_REDUCE_ROWS = 64
+
+
+def backward_geometry(device: torch.device, n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """Returns ``(programs, warps, registers)`` of the backward kernel for ``[n_rows, n_cols]``.
+
+    ``programs`` is also the number of fp32 weight-gradient partial rows it writes; ``registers``
+    the per-thread cap that lets all of them run at once.
+    """
+    block = row_block(n_cols)
+    num_warps = BWD_TUNING["num_warps"] or min(
+        16, max(4, block * BWD_TUNING["rows_per_step"] // 256)
+    )
+    per_sm = BWD_TUNING["programs_per_sm"] or max(1, 32 // num_warps)
+    programs = persistent_programs(device, n_rows, per_sm)
+    return programs, num_warps, _registers_per_thread(per_sm, num_warps)
 
 
 @triton.jit
@@ -293,7 +313,7 @@ def _backward(
     dy2 = _as_rows(dy)
     dx = torch.empty_like(x2)
     ds2 = _as_rows(d_summed) if d_summed is not None else dy2
-    programs = persistent_programs(x2.device, n_rows, BWD_TUNING["programs_per_sm"])
+    programs, num_warps, registers = backward_geometry(x2.device, n_rows, n_cols)
     rows_per_program = triton.cdiv(n_rows, programs)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     block = row_block(n_cols)
@@ -303,7 +323,6 @@ def _backward(
             f"BWD_TUNING['prefetch'] must be 0, 1 or 2 (steps loaded ahead); got "
             f"{BWD_TUNING['prefetch']!r}. Set it to one of those"
         )
-    num_warps = BWD_TUNING["num_warps"] or min(16, max(4, block * rows_per_step // 256))
     _rms_norm_bwd_kernel[(programs,)](
         dy2,
         x2,
@@ -326,7 +345,7 @@ def _backward(
         BLOCK=block,
         PREFETCH=BWD_TUNING["prefetch"],
         num_warps=num_warps,
-        maxnreg=_registers_per_thread(BWD_TUNING["programs_per_sm"], num_warps),
+        maxnreg=registers,
     )
     if not need_dw:
         return dx, None
@@ -334,8 +353,15 @@ def _backward(
     # 18 us at 528 x 4096 on an H100, more than a tenth of the whole fwd + bwd).
     dw = torch.empty(n_cols, dtype=weight.dtype, device=x2.device)
     reduce_cols = BWD_TUNING["reduce_cols"]
+    reduce_rows = BWD_TUNING["reduce_rows"] or min(1024, triton.next_power_of_2(programs))
     _dw_reduce_kernel[(triton.cdiv(n_cols, reduce_cols),)](
-        dw_partial, dw, programs, n_cols, BLOCK_P=_REDUCE_ROWS, BLOCK_C=reduce_cols, num_warps=4
+        dw_partial,
+        dw,
+        programs,
+        n_cols,
+        BLOCK_P=reduce_rows,
+        BLOCK_C=reduce_cols,
+        num_warps=max(4, min(16, reduce_rows * reduce_cols // 1024)),  # 32 fp32 a thread
     )
     return dx, dw
 
