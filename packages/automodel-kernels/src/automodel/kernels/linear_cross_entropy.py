@@ -44,9 +44,9 @@ from automodel.kernels.cross_entropy import _check_ce_args, ce_grad_from_lse, ce
 __all__ = ["linear_cross_entropy"]
 
 # Bytes of one chunk of logits (in the logits' dtype) the default chunk size aims for: 512 tokens of
-# a 128k vocabulary in bf16. Measured on an H200 at 8192 tokens (benchmarks/kernels_h200_*.md): 256
-# tokens match Liger's memory but not its speed (grad_w is read and written once per chunk);
-# 512 tokens are ~1.2x faster than Liger for 0.06 GiB more.
+# a 128k vocabulary in bf16, ~1.2x faster than Liger for 0.06 GiB more (H200, 8192 tokens,
+# benchmarks/kernels_h200_*.md). 256 tokens match Liger's memory; there "vocab_blocks" is 1.03x /
+# 1.06x Liger's speed (H100, 1b / 8b, benchmarks/kernels_lce_h100_2026-11-28.md).
 _CHUNK_LOGITS_BYTES = 1 << 27
 # weight_grad="auto" on CUDA picks "vocab_blocks" up to this many tokens per chunk, where the
 # per-chunk update is bound by grad_w's read and write (measured faster at 256, slower at 512).
