@@ -8,7 +8,12 @@ Run from the repository root on a GPU machine (packages need not be installed)::
 
 Every (op, shape, implementation) runs in its own subprocess, so a crash or an out-of-memory error in
 one never takes down the others; each writes a JSON result (and the log) to ``$OUT`` when set. The
-markdown table comes last on stdout.
+markdown tables come last on stdout. The GPU runs one variant at a time; the next variant's process
+starts and imports while the current one measures. ``--warm-only --jobs N`` builds every compiled
+variant N at a time (nothing timed) so that a later timed run reads Triton's and inductor's caches;
+``--priority`` runs every shape's main rows first, then torch.compile, then sweeps, and ``--budget``
+stops starting variants after that many seconds (they are reported as not run);
+``--tables-from LOG`` rebuilds the tables from the JSON lines of a run's stdout.
 
 What is measured: forward + backward of the op on bf16 CUDA tensors at Llama-3.2-1B (8192 tokens =
 4 x 2048) and Llama-3.1-8B (8192 tokens = 1 x 8192) shapes, three ways: "launched" (the median of 5
@@ -20,7 +25,8 @@ with the top kernels in the JSON result); the peak memory one step allocates abo
 counts the HBM traffic of forward + backward (each tensor read or written once per pass, bf16, plus
 the fp32 weight-gradient partials the norms write and read back), and "% roofline" divides the
 achieved bandwidth (graph and kernel times) by the card's peak (H100 SXM 3.35 TB/s, H200 4.8 TB/s);
-the ``copy`` row (a plain clone) shows the practical ceiling. ``--sweep``/``--variants`` add launch
+the ``copy`` row (a plain clone) shows the practical ceiling, and the second table divides by the
+copy row's bandwidth of the same run and shape as well (the empirical roofline). ``--sweep``/``--variants`` add launch
 geometries of the Triton kernels (``rms_norm:automodel@programs_per_sm=1+rows_per_step=2``).
 
 Implementations: ``eager`` is the PyTorch reference (the same math as transformers' modules; for the

@@ -345,7 +345,8 @@ def _backward(
         BLOCK=block,
         PREFETCH=BWD_TUNING["prefetch"],
         num_warps=num_warps,
-        maxnreg=registers,
+        # NVIDIA only: Triton's ROCm backend has no such option (and other register files).
+        **({"maxnreg": registers} if torch.version.hip is None else {}),
     )
     if not need_dw:
         return dx, None
