@@ -34,7 +34,7 @@ the CPU first. ``--profile`` adds, per 1-GPU variant, the phase times, the host 
 Model: Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32 heads x 128
 head_dim, 4 KV heads, vocab 151936, untied) with ``--layers`` (default 8) decoder layers, random
 init (seed 0; automodel and transformers build the same weights, so their first losses agree),
-bf16 parameters, AdamW (fused on one GPU), seq 4096 x batch 1, 3 warm-up + 8 timed steps.
+bf16 parameters, AdamW (fused on CUDA, every variant), seq 4096 x batch 1, 3 warm-up + 8 timed steps.
 MFU: see :func:`active_flops_per_token` (BENCHMARKS.md convention, active experts only);
 peak 989 TFLOP/s (H100 SXM / H200 dense bf16).
 
@@ -265,7 +265,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     row["build_s"] = time.perf_counter() - t0
     print(f"[{variant}] built in {row['build_s']:.1f} s", flush=True)
     row["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9  # local shards under EP
-    fused = device.type == "cuda" and world == 1
+    fused = device.type == "cuda"  # fused AdamW takes DTensors too (EP, FSDP)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
     gen = torch.Generator(device="cpu").manual_seed(rank)  # rank 0 sees the 1-GPU batch
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), generator=gen).to(device)
