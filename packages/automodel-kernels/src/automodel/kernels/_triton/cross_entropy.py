@@ -436,21 +436,19 @@ def ce_loss_and_grad_triton(
         lse_out.copy_(lse)
     if not want_grad:
         return loss, None
-    row_scale = scale.to(torch.float32).expand(logits.shape[0])
-    _grad(
+    grad = ce_grad_from_lse_triton(
         logits,
         labels,
         lse,
-        row_scale,
-        logits,
-        ignore_index,
-        label_smoothing,
-        z_loss_weight,
-        softcap,
-        vocab_start,
-        total_vocab,
+        scale=scale,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss_weight=z_loss_weight,
+        softcap=softcap,
+        vocab_start=vocab_start,
+        vocab_size=total_vocab,
     )
-    return loss, logits
+    return loss, grad
 
 
 def ce_grad_from_lse_triton(
