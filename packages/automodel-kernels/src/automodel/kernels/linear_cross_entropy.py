@@ -22,7 +22,9 @@ Which is faster depends on the chunk (benchmarks/kernels_lce_h100_2026-11-28.md,
 128256 vocab): at 256 tokens per chunk (Liger-Kernel's chunk and memory) the per-chunk update takes
 16.8 ms (1b) of a 34.6 ms step and ``"vocab_blocks"`` is 1.04x (1b) / 1.09x (8b) faster; at 512
 tokens the update is nearly compute-bound and the extra matmul (~6 ms at 1b) costs more than it
-saves.
+saves. On an H200 (1.43x the H100's memory bandwidth) the per-chunk update is cheap enough that
+``"vocab_blocks"`` at 256 tokens is ~6% slower than Liger (benchmarks/kernels_h200_2026-11-28.md):
+``"auto"`` follows the H100 measurement.
 
 A ``weight`` sharded on the vocab dim (a DTensor with ``Shard(0)`` on a 1-D mesh, as tensor
 parallelism shards ``lm_head``) works too: each rank computes its vocab slice and the softmax
