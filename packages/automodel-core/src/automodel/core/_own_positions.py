@@ -46,7 +46,10 @@ def skip_packed_check_for_own_positions(model: nn.Module) -> list[str]:
         return []
 
     def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
-        given = signature.bind_partial(*args, **kwargs).arguments
+        try:
+            given = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:  # a call the signature does not describe: keep transformers' check
+            given = dict.fromkeys(checked, True)
         own = all(given.get(name) is None for name in checked)
         module._automodel_own_positions_token = _OWN_POSITIONS.set(own)  # type: ignore[assignment]
 
