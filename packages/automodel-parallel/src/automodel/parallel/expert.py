@@ -204,12 +204,9 @@ class _ExpertParallelForward:
         in a single device -> host copy after one small all-to-all of the per-expert counts.
         """
         num_experts, ep, num_local = self.num_experts, self.ep, self.num_local
-        permute_tokens: Callable[..., Any] | None = getattr(self.module, "permute_tokens", None)
-        unpermute_tokens: Callable[..., Any] | None = getattr(self.module, "unpermute_tokens", None)
-        fused = callable(permute_tokens) and callable(unpermute_tokens)
-        if (
-            permute_tokens is not None and fused
-        ):  # core's permute: gathers, no index_put, no atomics
+        hooks = _token_hooks(self.module)
+        if hooks is not None:  # core's permute: gathers, no index_put, no atomics
+            permute_tokens, unpermute_tokens = hooks
             # E + 1 groups: a router may mark dropped slots with index E; they sort last
             rows, row_map, counts = permute_tokens(hidden_states, top_k_index, num_experts + 1)
             counts = counts[:num_experts]
@@ -228,7 +225,7 @@ class _ExpertParallelForward:
         send_splits, recv_splits = splits[0], splits[1]
         num_sent, num_received = sum(send_splits), sum(recv_splits)
 
-        if fused:
+        if hooks is not None:
             send = rows[:num_sent]
         else:
             order = order[:num_sent]
@@ -251,7 +248,7 @@ class _ExpertParallelForward:
         expert_out = _PermuteRows.apply(expert_out, back, by_expert)
 
         returned = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
-        if unpermute_tokens is not None and fused:
+        if hooks is not None:
             dropped = rows.shape[0] - num_sent
             if dropped:  # slots no expert took add nothing
                 returned = torch.cat([returned, returned.new_zeros(dropped, returned.shape[1])])
@@ -283,6 +280,15 @@ class _ExpertParallelForward:
             gate, up = F.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
             outs.append(F.linear(act(gate) * up, down[expert]))
         return torch.cat(outs)
+
+
+def _token_hooks(module: nn.Module) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """Returns the experts' ``(permute_tokens, unpermute_tokens)`` hooks, or None without both."""
+    permute_tokens = getattr(module, "permute_tokens", None)
+    unpermute_tokens = getattr(module, "unpermute_tokens", None)
+    if callable(permute_tokens) and callable(unpermute_tokens):
+        return permute_tokens, unpermute_tokens
+    return None
 
 
 def _local(param: torch.Tensor | None) -> torch.Tensor:
