@@ -139,11 +139,7 @@ def ce_loss_and_grad(
     exponentials, the label logit and the logit sum are all-reduced, and the gradient returned is
     this rank's slice. ``lse_out`` (fp32 ``[N]``), when given, receives each row's logsumexp.
     """
-    z = logits.float()
-    tanh = None
-    if softcap is not None:
-        tanh = torch.tanh(z / softcap)
-        z = softcap * tanh
+    z, tanh = _capped(logits, softcap)
     v_local = z.shape[-1]
     v_total = vocab_size if vocab_size is not None else v_local
     row_max = z.amax(dim=-1)
@@ -156,10 +152,7 @@ def ce_loss_and_grad(
     lse = row_max + torch.log(sum_exp)
     if lse_out is not None:
         lse_out.copy_(lse)
-    valid = labels != ignore_index
-    local = labels - vocab_start
-    owned = valid & (local >= 0) & (local < v_local)
-    index = torch.where(owned, local, 0)
+    valid, owned, index = _label_columns(labels, ignore_index, vocab_start, v_local)
     z_label = torch.where(owned, z.gather(1, index[:, None]).squeeze(1), 0.0)
     if group is not None:
         dist.all_reduce(z_label, group=group)
@@ -197,20 +190,38 @@ def ce_grad_from_lse(
     ``vocab_size``-wide vocab whose full-row logsumexp (after the softcap) is ``lse`` ``[N]``: the
     gradient of the module docstring's loss restricted to these columns, zero at ignored tokens.
     """
-    z = logits.float()
-    tanh = None
-    if softcap is not None:
-        tanh = torch.tanh(z / softcap)
-        z = softcap * tanh
-    valid = labels != ignore_index
-    local = labels - vocab_start
-    owned = valid & (local >= 0) & (local < z.shape[-1])
-    index = torch.where(owned, local, 0)
+    z, tanh = _capped(logits, softcap)
+    valid, owned, index = _label_columns(labels, ignore_index, vocab_start, z.shape[-1])
     grad = torch.exp(z - lse[:, None])
     _softmax_to_grad(
         grad, lse, tanh, valid, owned, index, label_smoothing, z_loss_weight, vocab_size
     )
     return grad
+
+
+def _capped(
+    logits: torch.Tensor, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns the fp32 logits after the softcap, and ``tanh(z / softcap)`` (None without one)."""
+    z = logits.float()
+    if softcap is None:
+        return z, None
+    tanh = torch.tanh(z / softcap)
+    return softcap * tanh, tanh
+
+
+def _label_columns(
+    labels: torch.Tensor, ignore_index: int, vocab_start: int, v_local: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(valid, owned, index)`` of each row's label in a vocab slice.
+
+    ``valid``: the label is not ``ignore_index``; ``owned``: it falls in ``[vocab_start,
+    vocab_start + v_local)``; ``index``: its column in the slice (0 where not owned).
+    """
+    valid = labels != ignore_index
+    local = labels - vocab_start
+    owned = valid & (local >= 0) & (local < v_local)
+    return valid, owned, torch.where(owned, local, 0)
 
 
 def _softmax_to_grad(
