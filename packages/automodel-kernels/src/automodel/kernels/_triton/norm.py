@@ -17,10 +17,11 @@ from automodel.kernels._triton.launch import persistent_programs, row_block, war
 # - rows_per_step: rows a program handles per step;
 # - num_warps: per program (0: one warp per 256 elements of the tile, 4 to 16: 16 at hidden 4096);
 # - prefetch: 1: each step issues the loads of the program's next rows before it reduces and
-#   stores the current ones, so they are in flight across the block-wide reduction; 2: the loads
-#   of the two next steps are in flight; 0: load, reduce, store, one after the other. On an H100 at
-#   8b, 1 took the kernel from 79.8 us to 73.7 us (rms_norm) and 105.9 to 98.2 us (add_rms_norm);
-#   without it every grid, warp count and rows per step ran at 80-89 us;
+#   stores the current ones, so they are in flight across the block-wide reduction; 0: load,
+#   reduce, store, one after the other. On an H100 at 8b, 1 took the kernel from 79.8 us to
+#   73.7 us (rms_norm) and 105.9 to 98.2 us (add_rms_norm); without it every grid, warp count and
+#   rows per step ran at 80-89 us. Loading two steps ahead measured no faster on the H100 and
+#   slower on the H200 (twice the registers), so it is not offered;
 # - reduce_rows / reduce_cols: the kernel that sums the partials reads ``reduce_cols`` columns per
 #   program, ``reduce_rows`` partial rows per step (0: all of them in one step, up to 1024).
 #   64 x 32 (five dependent steps over 264 partial rows) took 4.1-4.4 us at both shapes, 6% of
@@ -196,27 +197,6 @@ def _rms_norm_bwd_kernel(
                 HAS_DS, GEMMA, BLOCK_R, BLOCK,
             )  # fmt: skip
             dy, x, rstd, ds = next_dy, next_x, next_rstd, next_ds
-    elif PREFETCH == 2:
-        # The same, two steps ahead: twice the loads in flight, in twice the registers.
-        dy, x, rstd, ds = _rms_norm_bwd_load(
-            DY, X, RSTD, DS, start, end, stride_dy, stride_x, stride_ds, n_cols,
-            HAS_DS, BLOCK_R, BLOCK,
-        )  # fmt: skip
-        dy1, x1, rstd1, ds1 = _rms_norm_bwd_load(
-            DY, X, RSTD, DS, start + BLOCK_R, end, stride_dy, stride_x, stride_ds, n_cols,
-            HAS_DS, BLOCK_R, BLOCK,
-        )  # fmt: skip
-        for first in range(start, end, BLOCK_R):
-            dy2, x2, rstd2, ds2 = _rms_norm_bwd_load(
-                DY, X, RSTD, DS, first + 2 * BLOCK_R, end, stride_dy, stride_x, stride_ds,
-                n_cols, HAS_DS, BLOCK_R, BLOCK,
-            )  # fmt: skip
-            dw = _rms_norm_bwd_store(
-                dy, x, rstd, ds, DX, first, end, w, dw, stride_dx, n_cols,
-                HAS_DS, GEMMA, BLOCK_R, BLOCK,
-            )  # fmt: skip
-            dy, x, rstd, ds = dy1, x1, rstd1, ds1
-            dy1, x1, rstd1, ds1 = dy2, x2, rstd2, ds2
     else:
         for first in range(start, end, BLOCK_R):
             dy, x, rstd, ds = _rms_norm_bwd_load(
@@ -318,9 +298,9 @@ def _backward(
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     block = row_block(n_cols)
     rows_per_step = BWD_TUNING["rows_per_step"]
-    if BWD_TUNING["prefetch"] not in (0, 1, 2):
+    if BWD_TUNING["prefetch"] not in (0, 1):
         raise ValueError(
-            f"BWD_TUNING['prefetch'] must be 0, 1 or 2 (steps loaded ahead); got "
+            f"BWD_TUNING['prefetch'] must be 0 or 1 (steps loaded ahead); got "
             f"{BWD_TUNING['prefetch']!r}. Set it to one of those"
         )
     _rms_norm_bwd_kernel[(programs,)](
