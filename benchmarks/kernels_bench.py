@@ -101,7 +101,7 @@ def _apply_tuning(op: str, impl: str) -> None:
     if "@" not in impl:
         return
     if op in ("rms_norm", "add_rms_norm"):
-        from automodel.kernels._triton.norm import BWD_TUNING as tuning
+        from automodel.kernels._triton.norm import TUNING as tuning
     elif op == "rope":
         from automodel.kernels._triton.rope import TUNING as tuning
     elif op == "swiglu":

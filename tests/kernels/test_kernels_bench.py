@@ -41,12 +41,12 @@ def test_variants_add_sweeps_per_shape_and_copy_only_once(bench) -> None:
 def test_sweep_sets_the_kernel_modules_tuning(bench, monkeypatch) -> None:
     from automodel.kernels._triton import activations, norm, rope
 
-    for module, name in ((norm, "BWD_TUNING"), (rope, "TUNING"), (activations, "TUNING")):
+    for module, name in ((norm, "TUNING"), (rope, "TUNING"), (activations, "TUNING")):
         monkeypatch.setattr(module, name, dict(getattr(module, name)))
     bench._apply_tuning("add_rms_norm", "automodel@programs_per_sm=1+rows_per_step=2")
     bench._apply_tuning("rope", "automodel@num_warps=8")
     bench._apply_tuning("swiglu", "automodel@block=2048+num_warps=8")
-    assert (norm.BWD_TUNING["programs_per_sm"], norm.BWD_TUNING["rows_per_step"]) == (1, 2)
+    assert (norm.TUNING["programs_per_sm"], norm.TUNING["rows_per_step"]) == (1, 2)
     assert rope.TUNING["num_warps"] == 8
     assert activations.TUNING == {"block": 2048, "num_warps": 8}
     with pytest.raises(ValueError, match="unknown key 'warps'"):

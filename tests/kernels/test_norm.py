@@ -66,16 +66,23 @@ def test_norm_rejects_bad_inputs() -> None:
 
 def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Both backends on the same inputs, in a TRITON_INTERPRET=1 process."""
-    from automodel.kernels._triton.norm import BWD_TUNING
+    from automodel.kernels._triton.norm import TUNING
 
     pairs = []
     # 15 rows on 4 programs (4, 4, 4, 3 rows): 2 rows per backward step leave a masked tail; with
     # prefetch the step after a program's last is loaded fully masked.
     # 40 columns in 16-column blocks of the partials' sum: its masked tail too; its 4 partial rows
     # in one step (reduce_rows=0) or two.
-    cases = ((0.0, 1, 1, 0, 32), (1.0, 1, 1, 2, 16), (0.0, 2, 1, 0, 16), (1.0, 2, 0, 2, 32))
-    for offset, rows_per_step, prefetch, reduce_rows, reduce_cols in cases:
-        BWD_TUNING.update(
+    # The forward in tiles of 1 or 2 rows (15 rows: the last tile of 2 is half masked).
+    cases = (
+        (0.0, 1, 1, 0, 32, 1),
+        (1.0, 1, 1, 2, 16, 2),
+        (0.0, 2, 1, 0, 16, 2),
+        (1.0, 2, 0, 2, 32, 1),
+    )
+    for offset, rows_per_step, prefetch, reduce_rows, reduce_cols, fwd_rows in cases:
+        TUNING.update(
+            fwd_rows=fwd_rows,
             rows_per_step=rows_per_step,
             prefetch=prefetch,
             reduce_rows=reduce_rows,
@@ -96,7 +103,8 @@ def _triton_norm_worker(rank: int, world_size: int) -> list[tuple[str, torch.Ten
         names = ("out", "normed", "summed", "dx", "dresidual", "dweight")
         for name, got, want in zip(names, results["triton"], results["torch"]):
             label = (
-                f"offset={offset} case={rows_per_step, prefetch, reduce_rows, reduce_cols} {name}"
+                f"offset={offset} case={rows_per_step, prefetch, reduce_rows, reduce_cols, fwd_rows} "
+                f"{name}"
             )
             pairs.append((label, got.detach(), want.detach()))
     return pairs
@@ -118,6 +126,8 @@ GPU_CASES = [
     ({"programs_per_sm": 1, "rows_per_step": 2}, 4096),
     ({"num_warps": 8}, 4096),
     ({"reduce_rows": 64, "reduce_cols": 32}, 4096),
+    ({"fwd_rows": 2}, 2048),
+    ({"fwd_rows": 4, "fwd_num_warps": 8}, 2048),
 ]
 
 
@@ -131,10 +141,10 @@ GPU_CASES = [
 def test_gpu_triton_norms_bf16(
     assert_rel_close, offset: float, tuning: dict, hidden: int, monkeypatch
 ) -> None:
-    from automodel.kernels._triton.norm import BWD_TUNING
+    from automodel.kernels._triton.norm import TUNING
 
     for key, value in tuning.items():
-        monkeypatch.setitem(BWD_TUNING, key, value)
+        monkeypatch.setitem(TUNING, key, value)
     x = torch.randn(4, 2048, hidden, device="cuda")
     residual = torch.randn_like(x)
     weight = torch.rand(hidden, device="cuda") + 0.5

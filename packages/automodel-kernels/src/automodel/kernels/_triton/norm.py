@@ -8,10 +8,14 @@ import torch
 import triton
 import triton.language as tl
 
-from automodel.kernels._triton.launch import persistent_programs, row_block, warps_for
+from automodel.kernels._triton.launch import persistent_programs, row_block
 
-# Launch geometry and structure of the backward kernel (benchmarks/kernels_bench.py sweeps every key:
-# ``automodel@programs_per_sm=1+prefetch=0``):
+# Launch geometry of the forward kernel and geometry and structure of the backward kernel
+# (benchmarks/kernels_bench.py sweeps every key: ``automodel@programs_per_sm=1+prefetch=0``):
+# - fwd_rows: rows one forward program normalizes (a [fwd_rows, hidden] tile);
+# - fwd_num_warps: per forward program (0: one warp per 512 elements of the tile, 2 to 16: each
+#   thread loads two 16-byte vectors of bf16 per tensor. At hidden 2048 on an H200 that is 4
+#   warps, 17.7 us, against 19.1 us at 8 warps and one vector a thread: fewer bytes in flight);
 # - programs_per_sm: the persistent grid, each program writing one fp32 weight-gradient partial row
 #   (0: as many as fill an SM with 32 warps: 2 at hidden 4096, 4 at 2048);
 # - rows_per_step: rows a program handles per step;
@@ -26,7 +30,9 @@ from automodel.kernels._triton.launch import persistent_programs, row_block, war
 #   program, ``reduce_rows`` partial rows per step (0: all of them in one step, up to 1024).
 #   64 x 32 (five dependent steps over 264 partial rows) took 4.1-4.4 us at both shapes, 6% of
 #   rms_norm at 1b: a kernel this small cannot hide its load latency, so fewer steps are cheaper.
-BWD_TUNING = {
+TUNING = {
+    "fwd_rows": 1,
+    "fwd_num_warps": 0,
     "programs_per_sm": 0,
     "rows_per_step": 1,
     "num_warps": 0,
@@ -43,10 +49,8 @@ def backward_geometry(device: torch.device, n_rows: int, n_cols: int) -> tuple[i
     the per-thread cap that lets all of them run at once.
     """
     block = row_block(n_cols)
-    num_warps = BWD_TUNING["num_warps"] or min(
-        16, max(4, block * BWD_TUNING["rows_per_step"] // 256)
-    )
-    per_sm = BWD_TUNING["programs_per_sm"] or max(1, 32 // num_warps)
+    num_warps = TUNING["num_warps"] or min(16, max(4, block * TUNING["rows_per_step"] // 256))
+    per_sm = TUNING["programs_per_sm"] or max(1, 32 // num_warps)
     programs = persistent_programs(device, n_rows, per_sm)
     return programs, num_warps, _registers_per_thread(per_sm, num_warps)
 
@@ -63,33 +67,36 @@ def _rms_norm_fwd_kernel(
     stride_r,
     stride_y,
     stride_s,
+    n_rows,
     n_cols,
     eps,
     offset,
     HAS_RESIDUAL: tl.constexpr,
     GEMMA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    """One program: ``BLOCK_R`` rows (int64 row indices: rows * stride can pass 2**31)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        r = tl.load(R + rows * stride_r + cols, mask=mask, other=0.0)
         # Round the sum to the storage dtype first: it is the residual stream callers keep.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
-        tl.store(S + row * stride_s + cols, x, mask=mask)
+        tl.store(S + rows * stride_s + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    tl.store(RSTD + row, rstd)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)[:, None]
+    tl.store(RSTD + rows, rstd, mask=rows < n_rows)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     h = xf * rstd
     if GEMMA:
         y = h * (offset + w)
     else:
         # Llama casts the normalized input to its dtype before the weight multiply.
         y = h.to(x.dtype).to(tl.float32) * w
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -225,6 +232,11 @@ def _dw_reduce_kernel(
     tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=cols < n_cols)
 
 
+def _forward_warps(tile: int) -> int:
+    """Returns the forward's warps for a ``tile``-element program: one per 512 elements, 2 to 16."""
+    return max(2, min(16, tile // 512))
+
+
 def _registers_per_thread(programs_per_sm: int, num_warps: int) -> int:
     """Returns the register cap that lets ``programs_per_sm`` programs share one SM's registers.
 
@@ -258,7 +270,8 @@ def _forward(
     r2 = _as_rows(residual) if residual is not None else x2
     summed = torch.empty_like(x2) if residual is not None else x2
     block = row_block(n_cols)
-    _rms_norm_fwd_kernel[(n_rows,)](
+    fwd_rows = TUNING["fwd_rows"]
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, fwd_rows),)](
         x2,
         r2,
         weight,
@@ -269,13 +282,15 @@ def _forward(
         r2.stride(0),
         y.stride(0),
         summed.stride(0),
+        n_rows,
         n_cols,
         eps,
         offset,
         HAS_RESIDUAL=residual is not None,
         GEMMA=offset != 0.0,
+        BLOCK_R=fwd_rows,
         BLOCK=block,
-        num_warps=warps_for(block),
+        num_warps=TUNING["fwd_num_warps"] or _forward_warps(block * fwd_rows),
     )
     return y, (summed if residual is not None else None), rstd
 
@@ -297,11 +312,11 @@ def _backward(
     rows_per_program = triton.cdiv(n_rows, programs)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     block = row_block(n_cols)
-    rows_per_step = BWD_TUNING["rows_per_step"]
-    if BWD_TUNING["prefetch"] not in (0, 1):
+    rows_per_step = TUNING["rows_per_step"]
+    if TUNING["prefetch"] not in (0, 1):
         raise ValueError(
-            f"BWD_TUNING['prefetch'] must be 0 or 1 (steps loaded ahead); got "
-            f"{BWD_TUNING['prefetch']!r}. Set it to one of those"
+            f"TUNING['prefetch'] must be 0 or 1 (steps loaded ahead); got "
+            f"{TUNING['prefetch']!r}. Set it to one of those"
         )
     _rms_norm_bwd_kernel[(programs,)](
         dy2,
@@ -323,7 +338,7 @@ def _backward(
         GEMMA=offset != 0.0,
         BLOCK_R=rows_per_step,
         BLOCK=block,
-        PREFETCH=BWD_TUNING["prefetch"],
+        PREFETCH=TUNING["prefetch"],
         num_warps=num_warps,
         # NVIDIA only: Triton's ROCm backend has no such option (and other register files).
         **({"maxnreg": registers} if torch.version.hip is None else {}),
@@ -333,8 +348,8 @@ def _backward(
     # One small kernel sums the partials and casts (torch's column sum of [programs, hidden] took
     # 18 us at 528 x 4096 on an H100, more than a tenth of the whole fwd + bwd).
     dw = torch.empty(n_cols, dtype=weight.dtype, device=x2.device)
-    reduce_cols = BWD_TUNING["reduce_cols"]
-    reduce_rows = BWD_TUNING["reduce_rows"] or min(1024, triton.next_power_of_2(programs))
+    reduce_cols = TUNING["reduce_cols"]
+    reduce_rows = TUNING["reduce_rows"] or min(1024, triton.next_power_of_2(programs))
     _dw_reduce_kernel[(triton.cdiv(n_cols, reduce_cols),)](
         dw_partial,
         dw,
