@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from automodel.kernels._triton.launch import pdl_options, use_pdl, wait_for_inputs
+
 # Elements per program and warps per program; benchmarks/kernels_bench.py sweeps them
 # (``automodel@block=2048+num_warps=8``).
 TUNING = {"block": 1024, "num_warps": 4}
@@ -41,7 +43,10 @@ def _act_and_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gated_fwd_kernel(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_fwd_kernel(
+    G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):  # fmt: skip
+    wait_for_inputs(USE_PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
@@ -51,7 +56,10 @@ def _gated_fwd_kernel(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gated_bwd_kernel(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_bwd_kernel(
+    DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):  # fmt: skip
+    wait_for_inputs(USE_PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
@@ -69,8 +77,9 @@ class _Gated(torch.autograd.Function):
         out = torch.empty_like(gate)
         n, block = gate.numel(), TUNING["block"]
         _gated_fwd_kernel[(triton.cdiv(n, block),)](
-            gate, up, out, n, ACT=act, BLOCK=block, num_warps=TUNING["num_warps"]
-        )
+            gate, up, out, n, ACT=act, BLOCK=block, USE_PDL=use_pdl(gate.device),
+            num_warps=TUNING["num_warps"], **pdl_options(gate.device),
+        )  # fmt: skip
         ctx.save_for_backward(gate, up)
         ctx.act = act
         return out
@@ -82,8 +91,9 @@ class _Gated(torch.autograd.Function):
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
         n, block = gate.numel(), TUNING["block"]
         _gated_bwd_kernel[(triton.cdiv(n, block),)](
-            dy, gate, up, d_gate, d_up, n, ACT=ctx.act, BLOCK=block, num_warps=TUNING["num_warps"]
-        )
+            dy, gate, up, d_gate, d_up, n, ACT=ctx.act, BLOCK=block, USE_PDL=use_pdl(gate.device),
+            num_warps=TUNING["num_warps"], **pdl_options(gate.device),
+        )  # fmt: skip
         return d_gate, d_up, None
 
 

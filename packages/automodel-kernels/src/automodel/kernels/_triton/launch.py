@@ -1,11 +1,14 @@
-"""Launch geometry shared by the Triton kernels: block sizes, warp counts, persistent grids."""
+"""Launch set-up shared by the Triton kernels: block sizes, warp counts, persistent grids, and
+programmatic dependent launch."""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def row_block(n_cols: int) -> int:
@@ -33,3 +36,47 @@ def persistent_programs(device: torch.device, n_rows: int, per_sm: int = 4) -> i
         return max(1, min(n_rows, 4))  # the CPU interpreter: a few programs suffice
     index = device.index if device.index is not None else torch.cuda.current_device()
     return max(1, min(n_rows, per_sm * _sm_count(index)))
+
+
+# Programmatic dependent launch (Hopper and newer): a kernel launched with it may start its
+# programs while the kernel before it drains, and waits (``gdc_wait``) before its first load.
+# AUTOMODEL_PDL=0 turns it off (read once, at import; tests flip this flag).
+PDL_ENABLED = os.environ.get("AUTOMODEL_PDL", "1") != "0"
+
+
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    if torch.version.hip is not None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if not hasattr(triton.language.extra.cuda, "gdc_wait"):  # Triton before 3.4
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Returns whether kernels on ``device`` launch with programmatic dependent launch.
+
+    True on CUDA GPUs of compute capability 9.0 or newer (H100, H200, B200) unless
+    ``AUTOMODEL_PDL=0``; never on the CPU interpreter or ROCm. A kernel launched this way must
+    call :func:`wait_for_inputs` before it reads anything: pass ``USE_PDL=use_pdl(device)`` and
+    ``**pdl_options(device)`` together.
+    """
+    if not PDL_ENABLED or device.type != "cuda":
+        return False
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_options(device: torch.device) -> dict[str, bool]:
+    """Returns the launch keyword that enables programmatic dependent launch, or nothing."""
+    return {"launch_pdl": True} if use_pdl(device) else {}
+
+
+@triton.jit
+def wait_for_inputs(USE_PDL: tl.constexpr):
+    """First statement of a PDL-aware kernel: under programmatic dependent launch, waits until the
+    kernels before it have finished and their writes are visible, then lets the next kernel start
+    launching its programs (they wait the same way). A no-op when ``USE_PDL`` is false.
+    """
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

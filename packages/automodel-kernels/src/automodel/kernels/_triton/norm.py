@@ -8,7 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
-from automodel.kernels._triton.launch import persistent_programs, row_block
+from automodel.kernels._triton.launch import (
+    pdl_options,
+    persistent_programs,
+    row_block,
+    use_pdl,
+    wait_for_inputs,
+)
 
 # Launch geometry of the forward kernel and geometry and structure of the backward kernel
 # (benchmarks/kernels_bench.py sweeps every key: ``automodel@programs_per_sm=1+prefetch=0``):
@@ -75,8 +81,10 @@ def _rms_norm_fwd_kernel(
     GEMMA: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program: ``BLOCK_R`` rows (int64 row indices: rows * stride can pass 2**31)."""
+    wait_for_inputs(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
@@ -174,8 +182,10 @@ def _rms_norm_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
     PREFETCH: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program: its slice of rows, ``BLOCK_R`` per step; writes one weight-gradient partial."""
+    wait_for_inputs(USE_PDL)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)[None, :]
     cmask = cols < n_cols
@@ -219,9 +229,16 @@ def _rms_norm_bwd_kernel(
 
 @triton.jit
 def _dw_reduce_kernel(
-    PARTIAL, DW, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
+    PARTIAL,
+    DW,
+    n_partials,
+    n_cols,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Sums ``BLOCK_C`` columns of the ``[n_partials, n_cols]`` fp32 partials, cast to DW's dtype."""
+    wait_for_inputs(USE_PDL)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for first in range(0, n_partials, BLOCK_P):
@@ -290,7 +307,9 @@ def _forward(
         GEMMA=offset != 0.0,
         BLOCK_R=fwd_rows,
         BLOCK=block,
+        USE_PDL=use_pdl(x.device),
         num_warps=TUNING["fwd_num_warps"] or _forward_warps(block * fwd_rows),
+        **pdl_options(x.device),
     )
     return y, (summed if residual is not None else None), rstd
 
@@ -339,9 +358,11 @@ def _backward(
         BLOCK_R=rows_per_step,
         BLOCK=block,
         PREFETCH=TUNING["prefetch"],
+        USE_PDL=use_pdl(x2.device),
         num_warps=num_warps,
         # NVIDIA only: Triton's ROCm backend has no such option (and other register files).
         **({"maxnreg": registers} if torch.version.hip is None else {}),
+        **pdl_options(x2.device),
     )
     if not need_dw:
         return dx, None
@@ -357,7 +378,9 @@ def _backward(
         n_cols,
         BLOCK_P=reduce_rows,
         BLOCK_C=reduce_cols,
+        USE_PDL=use_pdl(x2.device),
         num_warps=max(4, min(16, reduce_rows * reduce_cols // 1024)),  # 32 fp32 a thread
+        **pdl_options(x2.device),
     )
     return dx, dw
 

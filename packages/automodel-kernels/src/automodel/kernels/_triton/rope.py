@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from automodel.kernels._triton.launch import pdl_options, use_pdl, wait_for_inputs
+
 # Warps per program (one program rotates every head of one token; 0: one warp per 512 elements of
 # the query heads, 2 to 16: 4 at 32 x 64, 8 at 32 x 128). benchmarks/kernels_bench.py sweeps it
 # (``automodel@num_warps=8``).
@@ -86,6 +88,7 @@ def _rope_kernel(
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program: one token's query and key heads.
 
@@ -93,6 +96,7 @@ def _rope_kernel(
     as the compiler knows, so loading k after q's stores would halve the bytes in flight (8% slower
     at Llama-3.2-1B's 32 x 64 heads on an H200).
     """
+    wait_for_inputs(USE_PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // seq_len
     s = pid % seq_len
@@ -149,7 +153,9 @@ def _rotate(
         BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(rot_dim // 2),
         BLOCK_PASS=triton.next_power_of_2(max(pass_dim, 1)),
+        USE_PDL=use_pdl(q.device),
         num_warps=_warps(triton.next_power_of_2(n_q_heads), triton.next_power_of_2(rot_dim // 2)),
+        **pdl_options(q.device),
     )  # fmt: skip
     return q_out, k_out
 
