@@ -10,7 +10,7 @@ patches (``automodel.core.patching``). Extra keyword arguments, all optional:
 - ``device_mesh``: a DeviceMesh to parallelize over (built from ``parallel`` when omitted).
 - ``kernels``: ``"auto"`` (default), ``"none"`` (the stock transformers class, unpatched), or a
   dict ``{op: backend}`` forwarded to the kernels. ``{"attention": "sdpa"}`` (or ``"flex"``,
-  ``"flash_attn"``, ``"eager"``) picks the attention backend of this model only, like
+  ``"flash_attn"``, ``"te"``, ``"eager"``) picks the attention backend of this model only, like
   ``attn_implementation=`` does (e.g. SDPA with a dense mask where FlexAttention cannot compile);
   the other ops (``rms_norm``, ``apply_rotary``, ``swiglu``, ``geglu``, ``cross_entropy``,
   ``linear_cross_entropy``) are set process-wide.
@@ -63,7 +63,7 @@ _ATTN_BACKENDS = {
     "flash_attention_3": "flash_attn",
     "flex_attention": "flex",
 }
-_ATTENTION_CHOICES = ("auto", "sdpa", "flex", "flash_attn", "eager")
+_ATTENTION_CHOICES = ("auto", "sdpa", "flex", "flash_attn", "te", "eager")
 
 
 class _AutoModelBase:

@@ -15,6 +15,7 @@ from automodel.kernels.moe import (
 )
 from automodel.kernels.norm import add_rms_norm, rms_norm
 from automodel.kernels.rope import ROPE_TYPES, apply_rotary, rope_cos_sin, rope_init
+from automodel.kernels.te import convert_to_te, te_available, te_fp8_autocast
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "apply_rotary",
     "attention",
     "convert_to_float8",
+    "convert_to_te",
     "cross_entropy",
     "geglu",
     "grouped_mm",
@@ -37,6 +39,8 @@ __all__ = [
     "rope_init",
     "router_z_loss",
     "swiglu",
+    "te_available",
+    "te_fp8_autocast",
     "topk_route",
     "unpermute",
 ]

@@ -1,4 +1,5 @@
-"""Attention dispatch: SDPA, FlexAttention, flash-attn and an explicit masked-softmax reference."""
+"""Attention dispatch: SDPA, FlexAttention, flash-attn, Transformer Engine and an explicit
+masked-softmax reference."""
 
 from automodel.kernels.attention.dispatch import ATTENTION_BACKENDS, attention
 from automodel.kernels.attention.hf import hf_attention_forward

@@ -1,4 +1,5 @@
-"""``attention``: one signature over SDPA, FlexAttention, flash-attn and the eager reference."""
+"""``attention``: one signature over SDPA, FlexAttention, flash-attn, Transformer Engine and the
+eager reference."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from automodel.kernels.attention.flash_attn import flash_attention
 from automodel.kernels.attention.flex import flex_attention
 from automodel.kernels.attention.masks import MaskSpec, document_ids_from_cu_seqlens
 from automodel.kernels.attention.sdpa import sdpa_attention
+from automodel.kernels.attention.te import te_attention
 
-ATTENTION_BACKENDS = ("sdpa", "flex", "flash_attn", "eager")
+ATTENTION_BACKENDS = ("sdpa", "flex", "flash_attn", "te", "eager")
 # FlexAttention's block size: "auto" sends calls with fewer queries to SDPA (or eager for softcap).
 _FLEX_MIN_QUERIES = 128
 
@@ -47,8 +49,9 @@ def attention(
         key_padding_mask: ``[B, Sk]`` bool, True for real tokens; padded keys are never seen.
         scale: the score scale, ``D ** -0.5`` when None.
         softcap: scores become ``softcap * tanh(scores / softcap)`` before masking (Gemma 2).
-        backend: ``"auto"``, ``"sdpa"``, ``"flex"``, ``"flash_attn"`` or ``"eager"`` (the explicit
-            masked-softmax reference). ``"auto"`` picks, on CUDA, FlexAttention when documents, a
+        backend: ``"auto"``, ``"sdpa"``, ``"flex"``, ``"flash_attn"``, ``"te"`` (Transformer
+            Engine's fused attention, the ``te`` extra) or ``"eager"`` (the explicit masked-softmax
+            reference). ``"auto"`` picks, on CUDA, FlexAttention when documents, a
             window or softcap need a block mask and there are at least 128 queries, and SDPA
             (flash/cuDNN) otherwise (eager for softcap with fewer queries); on CPU, SDPA, or eager
             when softcap is set.
@@ -127,6 +130,8 @@ def attention(
                 "'eager' (or 'auto') for CPU training"
             )
         return flex_attention(q, k, v, spec, scale=scale, softcap=softcap)
+    if choice == "te":
+        return te_attention(q, k, v, spec, scale=scale, softcap=softcap)
     return flash_attention(q, k, v, spec, scale=scale, softcap=softcap)
 
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from automodel.kernels.attention.masks import MaskSpec
+from automodel.kernels.attention.masks import MaskSpec, varlen_layout
 
 
 def flash_attn_available() -> bool:
@@ -52,33 +52,9 @@ def flash_attention(
             f"KV cache (got {spec.q_len} queries for {spec.kv_len} keys); use backend='sdpa' or 'flex'"
         )
     batch, seq = q.shape[0], q.shape[2]
-    segments = _segment_ids(spec, batch, seq, q.device)  # [B*S], -1 = dropped padding
-    keep = torch.nonzero(segments >= 0).squeeze(1)
-    kept = segments[keep]
-    starts = torch.ones_like(kept, dtype=torch.bool)
-    starts[1:] = kept[1:] != kept[:-1]
-    start_idx = torch.nonzero(starts).squeeze(1)
-    cu = torch.cat([start_idx, start_idx.new_tensor([kept.numel()])]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())  # host sync: flash-attn's varlen API needs it
+    keep, cu, max_len = varlen_layout(spec, batch, seq, q.device)
     flat = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], t.shape[3])[keep] for t in (q, k, v)]
     out = flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, **kwargs)
     full = out.new_zeros(batch * seq, q.shape[1], q.shape[3])
     full[keep] = out
     return full.view(batch, seq, q.shape[1], q.shape[3]).transpose(1, 2)
-
-
-def _segment_ids(spec: MaskSpec, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """Returns one id per flattened token: equal ids = same sequence; -1 = a padding token to drop."""
-    docs = (
-        spec.document_ids
-        if spec.document_ids is not None
-        else torch.zeros(batch, seq, dtype=torch.long, device=device)
-    ).long()
-    docs = docs.expand(batch, seq)
-    # Make ids unique across batch rows, so a document never continues into the next row.
-    span = docs.max(dim=1, keepdim=True).values - docs.min(dim=1, keepdim=True).values + 1
-    row_base = torch.cumsum(span, dim=0) - span
-    ids = docs - docs.min(dim=1, keepdim=True).values + row_base
-    if spec.key_padding_mask is not None:
-        ids = torch.where(spec.key_padding_mask.expand(batch, seq), ids, -1)
-    return ids.reshape(-1)

@@ -124,6 +124,49 @@ def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(starts, dim=1) - 1
 
 
+def varlen_layout(
+    spec: MaskSpec, batch: int, seq: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Returns ``(keep, cu_seqlens, max_len)``: the varlen ("thd") form of a self-attention pattern.
+
+    The batch is flattened to ``batch * seq`` tokens; ``keep`` indexes the tokens that stay (key
+    padding is dropped); every contiguous run of kept tokens of one document of one row becomes one
+    sequence, delimited by ``cu_seqlens`` (int32, ``[num_sequences + 1]``); ``max_len`` is the
+    longest (a host sync: the varlen kernels take it as a number).
+
+    Example:
+        >>> spec = MaskSpec(4, 4, document_ids=torch.tensor([[0, 0, 1, 1]]))
+        >>> keep, cu, max_len = varlen_layout(spec, 1, 4, torch.device("cpu"))
+        >>> cu.tolist(), max_len
+        ([0, 2, 4], 2)
+    """
+    segments = _segment_ids(spec, batch, seq, device)  # [B*S], -1 = dropped padding
+    keep = torch.nonzero(segments >= 0).squeeze(1)
+    kept = segments[keep]
+    starts = torch.ones_like(kept, dtype=torch.bool)
+    starts[1:] = kept[1:] != kept[:-1]
+    start_idx = torch.nonzero(starts).squeeze(1)
+    cu = torch.cat([start_idx, start_idx.new_tensor([kept.numel()])]).to(torch.int32)
+    return keep, cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _segment_ids(spec: MaskSpec, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """Returns one id per flattened token: equal ids = same sequence; -1 = a padding token to drop."""
+    docs = (
+        spec.document_ids
+        if spec.document_ids is not None
+        else torch.zeros(batch, seq, dtype=torch.long, device=device)
+    ).long()
+    docs = docs.expand(batch, seq)
+    # Make ids unique across batch rows, so a document never continues into the next row.
+    span = docs.max(dim=1, keepdim=True).values - docs.min(dim=1, keepdim=True).values + 1
+    row_base = torch.cumsum(span, dim=0) - span
+    ids = docs - docs.min(dim=1, keepdim=True).values + row_base
+    if spec.key_padding_mask is not None:
+        ids = torch.where(spec.key_padding_mask.expand(batch, seq), ids, -1)
+    return ids.reshape(-1)
+
+
 def allowed(
     b: torch.Tensor,
     q_idx: torch.Tensor,
