@@ -94,3 +94,30 @@ def test_gpu_pdl_matches_plain_launches(op: str, monkeypatch) -> None:
         for i, (plain, pdl) in enumerate(zip(results[False][index], results[True][index])):
             assert torch.isfinite(plain).all() and plain.float().norm() > 0, (op, mode, i)
             assert torch.equal(plain, pdl), f"{op} {mode}: output {i} differs under PDL"
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_under_torch_compile_match_eager(assert_rel_close) -> None:
+    """torch.compile (inductor) of a block of the PDL-launched ops: the same values as eager."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
+    up = torch.randn(4096, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = (torch.rand(1024, device="cuda", generator=gen) + 0.5).bfloat16()
+    q = torch.randn(2, 2048, 8, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    angles = torch.rand(1, 2048, 64, device="cuda", generator=gen) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1).bfloat16()
+    sin = torch.cat([angles.sin(), angles.sin()], -1).bfloat16()
+
+    def block(x: torch.Tensor, up: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        normed, summed = add_rms_norm(x, up, w, backend="triton")
+        hidden = swiglu(rms_norm(normed, w, backend="triton"), summed, backend="triton")
+        rq, rk = apply_rotary(q.transpose(1, 2), q.transpose(1, 2), cos, sin, backend="triton")
+        return hidden.float().sum() + (rq.float() * rk.float()).mean()
+
+    results = []
+    for fn in (block, torch.compile(block)):
+        leaves = [t.clone().requires_grad_(True) for t in (x, up, w, q)]
+        out = fn(*leaves)
+        results.append([out, *torch.autograd.grad(out, leaves)])
+    for i, (got, want) in enumerate(zip(results[1], results[0])):
+        assert_rel_close(got.float(), want.float(), 1e-2, f"compiled vs eager, output {i}")

@@ -57,11 +57,14 @@ def use_pdl(device: torch.device) -> bool:
     """Returns whether kernels on ``device`` launch with programmatic dependent launch.
 
     True on CUDA GPUs of compute capability 9.0 or newer (H100, H200, B200) unless
-    ``AUTOMODEL_PDL=0``; never on the CPU interpreter or ROCm. A kernel launched this way must
+    ``AUTOMODEL_PDL=0``; never on the CPU interpreter, on ROCm or while torch.compile traces. A kernel launched this way must
     call :func:`wait_for_inputs` before it reads anything: pass ``USE_PDL=use_pdl(device)`` and
     ``**pdl_options(device)`` together.
     """
     if not PDL_ENABLED or device.type != "cuda":
+        return False
+    if torch.compiler.is_compiling():
+        # Dynamo captures a user Triton launch with its own launcher, which has no PDL option.
         return False
     return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
