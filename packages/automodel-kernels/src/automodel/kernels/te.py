@@ -157,7 +157,7 @@ def te_fp8_autocast(
     enabled: bool = True, recipe: str = "delayed", **recipe_kwargs: Any
 ) -> Iterator[None]:
     """Runs the block's Transformer Engine modules with FP8 GEMMs (TE's ``autocast``, or
-    ``fp8_autocast`` before 2.9).
+    ``fp8_autocast`` in releases without it).
 
     Args:
         enabled: False runs the block in the modules' own precision.
@@ -182,7 +182,7 @@ def te_fp8_autocast(
             f"te_fp8_autocast: this Transformer Engine has no {TE_FP8_RECIPES[recipe]} "
             f"(recipe={recipe!r}); upgrade transformer-engine or use recipe='delayed'"
         )
-    if hasattr(te, "autocast"):  # Transformer Engine 2.9+; fp8_autocast is deprecated there
+    if hasattr(te, "autocast"):  # newer Transformer Engine: fp8_autocast is deprecated there
         context = te.autocast(enabled=enabled, recipe=cls(**recipe_kwargs))
     else:
         context = te.fp8_autocast(enabled=enabled, fp8_recipe=cls(**recipe_kwargs))
