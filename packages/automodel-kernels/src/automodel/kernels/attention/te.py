@@ -26,8 +26,8 @@ def te_attention(
     document, from :func:`~automodel.kernels.attention.masks.varlen_layout`).
 
     Raises:
-        ValueError: ``softcap`` or ``key_padding_mask`` (TE has neither here), or documents with a
-            KV cache.
+        ValueError: tensors not on CUDA, ``softcap`` or ``key_padding_mask`` (TE has neither
+            here), or documents with a KV cache.
         ImportError: Transformer Engine cannot be imported.
     """
     if softcap is not None:
@@ -38,6 +38,11 @@ def te_attention(
         raise ValueError(
             "attention(backend='te') does not take key_padding_mask; use backend='sdpa' or 'flex', "
             "or pack the batch (document_ids) instead of padding it"
+        )
+    if q.device.type != "cuda":
+        raise ValueError(
+            f"attention(backend='te') needs CUDA tensors (got {q.device.type}); use backend='sdpa' "
+            "or 'auto'"
         )
     from automodel.kernels.te import import_te
 
@@ -51,7 +56,7 @@ def te_attention(
         mask = "no_mask"
         if spec.causal:
             mask = "causal" if spec.q_len == spec.kv_len else "causal_bottom_right"
-        module = _module(n_q, n_kv, head_dim, scale, "bshd", mask, window)
+        module = _module(n_q, n_kv, head_dim, scale, "bshd", mask, window, q.device)
         out = module(*(t.transpose(1, 2).contiguous() for t in (q, k, v)))
         return out.view(batch, q_len, n_q, head_dim).transpose(1, 2)
     if spec.q_len != spec.kv_len:
@@ -65,7 +70,7 @@ def te_attention(
         for t in (q, k, v)
     ]
     mask = "padding_causal" if spec.causal else "padding"
-    module = _module(n_q, n_kv, head_dim, scale, "thd", mask, window)
+    module = _module(n_q, n_kv, head_dim, scale, "thd", mask, window, q.device)
     out = module(
         *flat, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
     )
@@ -83,18 +88,21 @@ def _module(
     qkv_format: str,
     mask: str,
     window: tuple[int, int] | None,
+    device: torch.device,
 ) -> Any:
-    """Returns one ``DotProductAttention`` per configuration (it holds no trainable weights)."""
+    """Returns one ``DotProductAttention`` per configuration and device (it holds no trainable
+    weights, only its backend choice and FP8 state)."""
     from automodel.kernels.te import import_te
 
     te = import_te()
-    return te.DotProductAttention(
-        n_q,
-        head_dim,
-        num_gqa_groups=n_kv,
-        attention_dropout=0.0,
-        qkv_format=qkv_format,
-        attn_mask_type=mask,
-        window_size=window,
-        softmax_scale=scale,
-    )
+    with torch.cuda.device(device):
+        return te.DotProductAttention(
+            n_q,
+            head_dim,
+            num_gqa_groups=n_kv,
+            attention_dropout=0.0,
+            qkv_format=qkv_format,
+            attn_mask_type=mask,
+            window_size=window,
+            softmax_scale=scale,
+        )
