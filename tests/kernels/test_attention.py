@@ -18,7 +18,7 @@ from automodel.kernels.attention import (
     document_ids_from_cu_seqlens,
     document_ids_from_position_ids,
 )
-from automodel.kernels.attention.masks import MaskSpec
+from automodel.kernels.attention.masks import MaskSpec, varlen_layout
 
 
 @dataclass
@@ -382,3 +382,20 @@ def test_gpu_flex_past_its_compile_budget_runs_sdpa_not_unfused_flex(monkeypatch
         assert "this call runs SDPA with a dense mask" in caplog.text
     finally:
         torch._dynamo.reset()
+
+
+def test_varlen_layout_splits_rows_and_documents_and_drops_padding() -> None:
+    # Row 0: documents 0 (3 tokens) and 1 (2 tokens) then one padding token; row 1: one document
+    # whose first token is padding. Sequences never continue across rows.
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1], [5, 5, 5, 5, 5, 5]])
+    real = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    spec = MaskSpec(6, 6, document_ids=docs, key_padding_mask=real)
+    keep, cu, max_len = varlen_layout(spec, 2, 6, torch.device("cpu"))
+    assert keep.tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11]
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 10]
+    assert max_len == 5
+    # Without documents each row is one sequence.
+    keep, cu, max_len = varlen_layout(
+        MaskSpec(6, 6, key_padding_mask=real), 2, 6, torch.device("cpu")
+    )
+    assert cu.tolist() == [0, 5, 10] and max_len == 5
