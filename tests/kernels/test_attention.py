@@ -18,7 +18,7 @@ from automodel.kernels.attention import (
     document_ids_from_cu_seqlens,
     document_ids_from_position_ids,
 )
-from automodel.kernels.attention.masks import MaskSpec, varlen_layout
+from automodel.kernels.attention.masks import MaskSpec, run_varlen, varlen_layout
 
 
 @dataclass
@@ -399,3 +399,23 @@ def test_varlen_layout_splits_rows_and_documents_and_drops_padding() -> None:
         MaskSpec(6, 6, key_padding_mask=real), 2, 6, torch.device("cpu")
     )
     assert cu.tolist() == [0, 5, 10] and max_len == 5
+
+
+def test_run_varlen_gathers_the_kept_tokens_and_zeroes_padding() -> None:
+    docs = torch.tensor([[0, 0, 1, 1], [3, 3, 3, 3]])
+    real = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    spec = MaskSpec(4, 4, document_ids=docs, key_padding_mask=real)
+    q, k = torch.randn(2, 4, 4, 8), torch.randn(2, 2, 4, 8)
+    seen = {}
+
+    def kernel(
+        fq: torch.Tensor, fk: torch.Tensor, fv: torch.Tensor, cu: torch.Tensor, max_len: int
+    ) -> torch.Tensor:
+        seen.update(shapes=(fq.shape, fk.shape), cu=cu.tolist(), max_len=max_len)
+        return fq * 2  # an output per kept query token
+
+    out = run_varlen(q, k, k, spec, kernel)
+    assert seen == {"shapes": ((7, 4, 8), (7, 2, 8)), "cu": [0, 2, 3, 7], "max_len": 4}
+    want = q * 2
+    want[0, :, 3] = 0  # the padding position outputs zeros
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -14,12 +14,12 @@ from automodel.kernels._triton import launch
 def test_pdl_is_off_on_the_cpu() -> None:
     cpu = torch.device("cpu")
     assert launch.use_pdl(cpu) is False
-    assert launch.pdl_options(cpu) == {}
+    assert launch.pdl_kwargs(cpu) == {"USE_PDL": False}
 
 
 def test_pdl_off_switch(monkeypatch) -> None:
     monkeypatch.setattr(launch, "PDL_ENABLED", False)
-    assert launch.pdl_options(torch.device("cuda", 0)) == {}
+    assert launch.pdl_kwargs(torch.device("cuda", 0)) == {"USE_PDL": False}
 
 
 def _chained_steps(op: str) -> Callable[[], list[torch.Tensor]]:

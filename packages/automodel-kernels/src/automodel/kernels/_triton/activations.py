@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from automodel.kernels._triton.launch import pdl_options, use_pdl, wait_for_inputs
+from automodel.kernels._triton.launch import pdl_kwargs, wait_for_inputs
 
 # Elements per program and warps per program; benchmarks/kernels_bench.py sweeps them
 # (``automodel@block=2048+num_warps=8``).
@@ -77,8 +77,8 @@ class _Gated(torch.autograd.Function):
         out = torch.empty_like(gate)
         n, block = gate.numel(), TUNING["block"]
         _gated_fwd_kernel[(triton.cdiv(n, block),)](
-            gate, up, out, n, ACT=act, BLOCK=block, USE_PDL=use_pdl(gate.device),
-            num_warps=TUNING["num_warps"], **pdl_options(gate.device),
+            gate, up, out, n, ACT=act, BLOCK=block, num_warps=TUNING["num_warps"],
+            **pdl_kwargs(gate.device),
         )  # fmt: skip
         ctx.save_for_backward(gate, up)
         ctx.act = act
@@ -91,8 +91,8 @@ class _Gated(torch.autograd.Function):
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
         n, block = gate.numel(), TUNING["block"]
         _gated_bwd_kernel[(triton.cdiv(n, block),)](
-            dy, gate, up, d_gate, d_up, n, ACT=ctx.act, BLOCK=block, USE_PDL=use_pdl(gate.device),
-            num_warps=TUNING["num_warps"], **pdl_options(gate.device),
+            dy, gate, up, d_gate, d_up, n, ACT=ctx.act, BLOCK=block, num_warps=TUNING["num_warps"],
+            **pdl_kwargs(gate.device),
         )  # fmt: skip
         return d_gate, d_up, None
 

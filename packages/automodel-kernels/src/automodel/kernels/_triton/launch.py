@@ -57,9 +57,7 @@ def use_pdl(device: torch.device) -> bool:
     """Returns whether kernels on ``device`` launch with programmatic dependent launch.
 
     True on CUDA GPUs of compute capability 9.0 or newer (H100, H200, B200) unless
-    ``AUTOMODEL_PDL=0``; never on the CPU interpreter, on ROCm or while torch.compile traces. A kernel launched this way must
-    call :func:`wait_for_inputs` before it reads anything: pass ``USE_PDL=use_pdl(device)`` and
-    ``**pdl_options(device)`` together.
+    ``AUTOMODEL_PDL=0``; never on the CPU interpreter, on ROCm or while torch.compile traces.
     """
     if not PDL_ENABLED or device.type != "cuda":
         return False
@@ -69,9 +67,11 @@ def use_pdl(device: torch.device) -> bool:
     return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pdl_options(device: torch.device) -> dict[str, bool]:
-    """Returns the launch keyword that enables programmatic dependent launch, or nothing."""
-    return {"launch_pdl": True} if use_pdl(device) else {}
+def pdl_kwargs(device: torch.device) -> dict[str, bool]:
+    """Returns the keywords of a launch of a PDL-aware kernel: its ``USE_PDL`` constexpr and, when
+    on, the ``launch_pdl`` option. Such a kernel calls :func:`wait_for_inputs` first.
+    """
+    return {"USE_PDL": True, "launch_pdl": True} if use_pdl(device) else {"USE_PDL": False}
 
 
 @triton.jit

@@ -9,10 +9,9 @@ import triton
 import triton.language as tl
 
 from automodel.kernels._triton.launch import (
-    pdl_options,
+    pdl_kwargs,
     persistent_programs,
     row_block,
-    use_pdl,
     wait_for_inputs,
 )
 
@@ -307,9 +306,8 @@ def _forward(
         GEMMA=offset != 0.0,
         BLOCK_R=fwd_rows,
         BLOCK=block,
-        USE_PDL=use_pdl(x.device),
         num_warps=TUNING["fwd_num_warps"] or _forward_warps(block * fwd_rows),
-        **pdl_options(x.device),
+        **pdl_kwargs(x.device),
     )
     return y, (summed if residual is not None else None), rstd
 
@@ -358,11 +356,10 @@ def _backward(
         BLOCK_R=rows_per_step,
         BLOCK=block,
         PREFETCH=TUNING["prefetch"],
-        USE_PDL=use_pdl(x2.device),
         num_warps=num_warps,
         # NVIDIA only: Triton's ROCm backend has no such option (and other register files).
         **({"maxnreg": registers} if torch.version.hip is None else {}),
-        **pdl_options(x2.device),
+        **pdl_kwargs(x2.device),
     )
     if not need_dw:
         return dx, None
@@ -378,9 +375,8 @@ def _backward(
         n_cols,
         BLOCK_P=reduce_rows,
         BLOCK_C=reduce_cols,
-        USE_PDL=use_pdl(x2.device),
         num_warps=max(4, min(16, reduce_rows * reduce_cols // 1024)),  # 32 fp32 a thread
-        **pdl_options(x2.device),
+        **pdl_kwargs(x2.device),
     )
     return dx, dw
 

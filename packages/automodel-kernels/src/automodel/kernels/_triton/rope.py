@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from automodel.kernels._triton.launch import pdl_options, use_pdl, wait_for_inputs
+from automodel.kernels._triton.launch import pdl_kwargs, wait_for_inputs
 
 # Warps per program (one program rotates every head of one token; 0: one warp per 512 elements of
 # the query heads, 2 to 16: 4 at 32 x 64, 8 at 32 x 128). benchmarks/kernels_bench.py sweeps it
@@ -153,9 +153,8 @@ def _rotate(
         BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(rot_dim // 2),
         BLOCK_PASS=triton.next_power_of_2(max(pass_dim, 1)),
-        USE_PDL=use_pdl(q.device),
         num_warps=_warps(triton.next_power_of_2(n_q_heads), triton.next_power_of_2(rot_dim // 2)),
-        **pdl_options(q.device),
+        **pdl_kwargs(q.device),
     )  # fmt: skip
     return q_out, k_out
 

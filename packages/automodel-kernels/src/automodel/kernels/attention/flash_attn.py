@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from automodel.kernels.attention.masks import MaskSpec, varlen_layout
+from automodel.kernels.attention.masks import MaskSpec, run_varlen
 
 
 def flash_attn_available() -> bool:
@@ -51,10 +51,7 @@ def flash_attention(
             "attention(backend='flash_attn') supports document_ids/key_padding_mask only without a "
             f"KV cache (got {spec.q_len} queries for {spec.kv_len} keys); use backend='sdpa' or 'flex'"
         )
-    batch, seq = q.shape[0], q.shape[2]
-    keep, cu, max_len = varlen_layout(spec, batch, seq, q.device)
-    flat = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], t.shape[3])[keep] for t in (q, k, v)]
-    out = flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, **kwargs)
-    full = out.new_zeros(batch * seq, q.shape[1], q.shape[3])
-    full[keep] = out
-    return full.view(batch, seq, q.shape[1], q.shape[3]).transpose(1, 2)
+    return run_varlen(
+        q, k, v, spec,
+        lambda q, k, v, cu, max_len: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, **kwargs),
+    )  # fmt: skip

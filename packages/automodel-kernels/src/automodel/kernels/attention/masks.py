@@ -17,6 +17,7 @@ on what is masked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,28 @@ def varlen_layout(
     start_idx = torch.nonzero(starts).squeeze(1)
     cu = torch.cat([start_idx, start_idx.new_tensor([kept.numel()])]).to(torch.int32)
     return keep, cu, int((cu[1:] - cu[:-1]).max())
+
+
+def run_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: MaskSpec,
+    kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """Returns ``[B, Hq, S, D]`` from a varlen kernel run on the packed form of ``q``, ``k``, ``v``.
+
+    The tokens of :func:`varlen_layout` are gathered into ``[T, H, D]`` tensors and passed with
+    ``cu_seqlens`` and ``max_len`` to ``kernel``, whose ``[T, Hq, D]`` (or ``[T, Hq * D]``) output is
+    scattered back; dropped padding positions output zeros.
+    """
+    batch, n_q, seq, head_dim = q.shape
+    keep, cu, max_len = varlen_layout(spec, batch, seq, q.device)
+    flat = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], head_dim)[keep] for t in (q, k, v)]
+    out = kernel(flat[0], flat[1], flat[2], cu, max_len)
+    full = out.new_zeros(batch * seq, n_q, head_dim)
+    full[keep] = out.view(-1, n_q, head_dim)
+    return full.view(batch, seq, n_q, head_dim).transpose(1, 2)
 
 
 def _segment_ids(spec: MaskSpec, batch: int, seq: int, device: torch.device) -> torch.Tensor:

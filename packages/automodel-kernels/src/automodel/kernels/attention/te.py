@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from automodel.kernels.attention.masks import MaskSpec, varlen_layout
+from automodel.kernels.attention.masks import MaskSpec, run_varlen
 
 
 def te_attention(
@@ -23,7 +23,7 @@ def te_attention(
 
     Causal (bottom-right aligned when ``Sq < Sk``) and sliding windows map onto TE's mask types
     and ``window_size``; documents go through TE's packed ``"thd"`` layout (one sequence per
-    document, from :func:`~automodel.kernels.attention.masks.varlen_layout`).
+    document, from :func:`~automodel.kernels.attention.masks.run_varlen`).
 
     Raises:
         ValueError: tensors not on CUDA, ``softcap`` or ``key_padding_mask`` (TE has neither
@@ -64,19 +64,14 @@ def te_attention(
             "attention(backend='te') supports document_ids only without a KV cache (got "
             f"{spec.q_len} queries for {spec.kv_len} keys); use backend='sdpa' or 'flex'"
         )
-    keep, cu, max_len = varlen_layout(spec, batch, q_len, q.device)
-    flat = [
-        t.transpose(1, 2).reshape(batch * q_len, t.shape[1], head_dim)[keep].contiguous()
-        for t in (q, k, v)
-    ]
     mask = "padding_causal" if spec.causal else "padding"
     module = _module(n_q, n_kv, head_dim, scale, "thd", mask, window, q.device)
-    out = module(
-        *flat, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
-    )
-    full = out.new_zeros(batch * q_len, n_q, head_dim)
-    full[keep] = out.view(-1, n_q, head_dim)
-    return full.view(batch, q_len, n_q, head_dim).transpose(1, 2)
+    return run_varlen(
+        q, k, v, spec,
+        lambda q, k, v, cu, max_len: module(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
+        ),
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
